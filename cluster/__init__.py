@@ -1,0 +1,1 @@
+"""The entry layer: command line, cluster connection, job submission."""

@@ -1,0 +1,1 @@
+"""Evaluation suites (B1-B7)."""
