@@ -1,0 +1,249 @@
+"""The steer-then-remove protocol: build the prompt, steer the prefix, ask on the cache.
+
+For one example (DESIGN.md, "The steer-then-remove protocol")::
+
+    prefix = [system?, user: context_prompt, assistant: assistant_response]
+    full   = prefix + [user: detection_question, assistant: "The answer is"]
+
+The prefix is read under ``no_grad`` with the steering hooks on; that pass only fills the KV
+cache (no LM head). The hooks come off, the suffix is read on the steered cache with gradients
+allowed, and only the last suffix position goes through the LM head.
+
+Batching: prefixes are left-padded so they all end at the same column, suffixes right-padded;
+position ids are computed per row, so a row's answer does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from introspect.errors import IntrospectError
+from introspect.models import backbone, causal_lm
+from introspect.steering import Steering, position_mask, steer
+
+PREFILL = "The answer is"
+YES_NO = (" yes", " no")
+
+
+@dataclass
+class DetectionExample:
+    """The texts of one trial and its steering (``None`` = unsteered)."""
+
+    context_prompt: str
+    assistant_response: str
+    detection_question: str
+    system_prompt: str | None = None
+    steering: Steering | None = None
+    answer_tokens: tuple[str, str] = YES_NO
+
+
+@dataclass
+class DetectionPrompt:
+    """Token ids of one trial: the steered prefix, the unsteered suffix, and the answer pair."""
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    answer_ids: tuple[int, int]
+    steering: Steering | None = None
+
+
+@dataclass
+class DetectionBatch:
+    """Padded tensors for a batch of prompts (prefix left-padded, suffix right-padded)."""
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    prefix_lens: torch.Tensor
+    suffix_lens: torch.Tensor
+    answer_ids: torch.Tensor  # [B, 2]: (positive, negative) token ids
+    steerings: list[Steering | None] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> DetectionBatch:
+        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return DetectionBatch(**tensors, steerings=self.steerings)
+
+
+def messages(example: DetectionExample, info_prompt: str | None = None) -> tuple[list, list]:
+    """The chat messages of the prefix and of the full conversation."""
+    context = example.context_prompt if not info_prompt else f"{info_prompt}\n\n{example.context_prompt}"
+    prefix = [] if example.system_prompt is None else [
+        {"role": "system", "content": example.system_prompt}
+    ]
+    prefix += [
+        {"role": "user", "content": context},
+        {"role": "assistant", "content": example.assistant_response},
+    ]
+    full = prefix + [
+        {"role": "user", "content": example.detection_question},
+        {"role": "assistant", "content": PREFILL},
+    ]
+    return prefix, full
+
+
+def answer_token_ids(tokenizer, answer_tokens: tuple[str, str] = YES_NO) -> tuple[int, int]:
+    """The single token ids of the answer pair; fail loudly when one splits into several tokens."""
+    ids = []
+    for text in answer_tokens:
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        if len(toks) != 1:
+            raise IntrospectError(
+                f"answer_tokens: {text!r} is {len(toks)} tokens for this tokenizer, need exactly 1"
+            )
+        ids.append(toks[0])
+    return ids[0], ids[1]
+
+
+def build_prompt(tokenizer, example: DetectionExample, info_prompt: str | None = None) -> DetectionPrompt:
+    """Tokenise one trial exactly as DESIGN.md says: prefix and suffix tokenised separately."""
+    prefix_msgs, full_msgs = messages(example, info_prompt)
+    prefix_text = tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
+    full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False, continue_final_message=True)
+    if not full_text.startswith(prefix_text):
+        raise IntrospectError(
+            "chat template: the full conversation does not start with the prefix text, so the "
+            "steered prefix cannot be cached; this model's template rewrites earlier turns"
+        )
+    if not full_text.endswith(PREFILL):
+        raise IntrospectError(f"chat template: the prompt does not end with the prefill {PREFILL!r}")
+    # The chat template already holds any BOS/special tokens, so the tokenizer adds none.
+    prefix_ids = tokenizer.encode(prefix_text, add_special_tokens=False)
+    suffix_ids = tokenizer.encode(full_text[len(prefix_text) :], add_special_tokens=False)
+    return DetectionPrompt(
+        prefix_ids=prefix_ids,
+        suffix_ids=suffix_ids,
+        answer_ids=answer_token_ids(tokenizer, example.answer_tokens),
+        steering=example.steering,
+    )
+
+
+def collate(prompts: Sequence[DetectionPrompt], pad_id: int) -> DetectionBatch:
+    """Pad a list of prompts into one batch."""
+    n_prefix = max(len(p.prefix_ids) for p in prompts)
+    n_suffix = max(len(p.suffix_ids) for p in prompts)
+    b = len(prompts)
+    prefix_ids = torch.full((b, n_prefix), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((b, n_prefix), dtype=torch.long)
+    suffix_ids = torch.full((b, n_suffix), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((b, n_suffix), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        np_, ns = len(p.prefix_ids), len(p.suffix_ids)
+        prefix_ids[i, n_prefix - np_ :] = torch.tensor(p.prefix_ids)
+        prefix_mask[i, n_prefix - np_ :] = 1
+        suffix_ids[i, :ns] = torch.tensor(p.suffix_ids)
+        suffix_mask[i, :ns] = 1
+    return DetectionBatch(
+        prefix_ids=prefix_ids,
+        prefix_mask=prefix_mask,
+        suffix_ids=suffix_ids,
+        suffix_mask=suffix_mask,
+        prefix_lens=prefix_mask.sum(1),
+        suffix_lens=suffix_mask.sum(1),
+        answer_ids=torch.tensor([p.answer_ids for p in prompts], dtype=torch.long),
+        steerings=[p.steering for p in prompts],
+    )
+
+
+def steered_cache(model: nn.Module, batch: DetectionBatch):
+    """Prefix pass under no_grad with each row's steering: returns the KV cache only."""
+    mask = position_mask(batch.steerings, batch.prefix_lens.tolist(), batch.prefix_ids.shape[1])
+    # Left padding: a row's first real token sits at position 0, as it would alone.
+    positions = (batch.prefix_mask.cumsum(1) - 1).clamp(min=0)
+    any_steered = any(s is not None for s in batch.steerings)
+    with torch.no_grad():
+        if any_steered:
+            with steer(model, batch.steerings, mask=mask):
+                out = backbone(model)(
+                    input_ids=batch.prefix_ids,
+                    attention_mask=batch.prefix_mask,
+                    position_ids=positions,
+                    use_cache=True,
+                )
+        else:
+            out = backbone(model)(
+                input_ids=batch.prefix_ids,
+                attention_mask=batch.prefix_mask,
+                position_ids=positions,
+                use_cache=True,
+            )
+    return out.past_key_values
+
+
+def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tensor:
+    """Suffix pass on a (steered) cache: ``[B, vocab]`` logits at each row's last suffix token.
+
+    The cache is mutated (extended) by this call; copy it first to reuse it.
+    """
+    positions = batch.prefix_lens[:, None] + torch.arange(batch.suffix_ids.shape[1], device=batch.suffix_ids.device)
+    attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
+    hidden = backbone(model)(
+        input_ids=batch.suffix_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.suffix_lens - 1]
+    return causal_lm(model).get_output_embeddings()(last)
+
+
+def detection_logits(model: nn.Module, batch: DetectionBatch) -> torch.Tensor:
+    """The two-pass steer-then-remove forward: ``[B, vocab]`` logits at the answer position."""
+    return suffix_logits(model, batch, steered_cache(model, batch))
+
+
+def answer_probabilities(logits: torch.Tensor, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p_yes`` (2-way softmax over the answer pair) and the pair's raw probability mass."""
+    logits = logits.float()
+    pair = logits.gather(1, answer_ids)
+    p_yes = pair.softmax(-1)[:, 0]
+    mass = logits.log_softmax(-1).gather(1, answer_ids).exp().sum(-1)
+    return p_yes, mass
+
+
+@dataclass
+class DetectionScores:
+    p_yes: list[float]
+    yes_no_mass: list[float]
+
+
+def score_detection(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[DetectionExample],
+    batch_size: int = 16,
+    info_prompt: str | None = None,
+    progress: bool = False,
+) -> DetectionScores:
+    """Score trials in batches; results come back in the input order.
+
+    Trials are grouped by length so batches carry little padding; padding does not change any
+    row's answer, so the grouping only changes speed.
+    """
+    if batch_size < 1:
+        raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
+    prompts = [build_prompt(tokenizer, ex, info_prompt) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids))
+    p_yes = [0.0] * len(prompts)
+    mass = [0.0] * len(prompts)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="scoring", total=len(starts), transient=True)
+    for start in starts:
+        idx = order[start : start + batch_size]
+        batch = collate([prompts[i] for i in idx], pad_id).to(device)
+        with torch.no_grad():
+            logits = detection_logits(model, batch)
+        py, m = answer_probabilities(logits, batch.answer_ids)
+        for j, i in enumerate(idx):
+            p_yes[i], mass[i] = float(py[j]), float(m[j])
+    return DetectionScores(p_yes=p_yes, yes_no_mass=mass)

