@@ -71,10 +71,14 @@ class DetectionBatch:
 
 def messages(example: DetectionExample, info_prompt: str | None = None) -> tuple[list, list]:
     """The chat messages of the prefix and of the full conversation."""
-    context = example.context_prompt if not info_prompt else f"{info_prompt}\n\n{example.context_prompt}"
-    prefix = [] if example.system_prompt is None else [
-        {"role": "system", "content": example.system_prompt}
-    ]
+    context = (
+        example.context_prompt if not info_prompt else f"{info_prompt}\n\n{example.context_prompt}"
+    )
+    prefix = (
+        []
+        if example.system_prompt is None
+        else [{"role": "system", "content": example.system_prompt}]
+    )
     prefix += [
         {"role": "user", "content": context},
         {"role": "assistant", "content": example.assistant_response},
@@ -99,18 +103,24 @@ def answer_token_ids(tokenizer, answer_tokens: tuple[str, str] = YES_NO) -> tupl
     return ids[0], ids[1]
 
 
-def build_prompt(tokenizer, example: DetectionExample, info_prompt: str | None = None) -> DetectionPrompt:
+def build_prompt(
+    tokenizer, example: DetectionExample, info_prompt: str | None = None
+) -> DetectionPrompt:
     """Tokenise one trial exactly as DESIGN.md says: prefix and suffix tokenised separately."""
     prefix_msgs, full_msgs = messages(example, info_prompt)
     prefix_text = tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
-    full_text = tokenizer.apply_chat_template(full_msgs, tokenize=False, continue_final_message=True)
+    full_text = tokenizer.apply_chat_template(
+        full_msgs, tokenize=False, continue_final_message=True
+    )
     if not full_text.startswith(prefix_text):
         raise IntrospectError(
             "chat template: the full conversation does not start with the prefix text, so the "
             "steered prefix cannot be cached; this model's template rewrites earlier turns"
         )
     if not full_text.endswith(PREFILL):
-        raise IntrospectError(f"chat template: the prompt does not end with the prefill {PREFILL!r}")
+        raise IntrospectError(
+            f"chat template: the prompt does not end with the prefill {PREFILL!r}"
+        )
     # The chat template already holds any BOS/special tokens, so the tokenizer adds none.
     prefix_ids = tokenizer.encode(prefix_text, add_special_tokens=False)
     suffix_ids = tokenizer.encode(full_text[len(prefix_text) :], add_special_tokens=False)
@@ -179,7 +189,9 @@ def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tenso
 
     The cache is mutated (extended) by this call; copy it first to reuse it.
     """
-    positions = batch.prefix_lens[:, None] + torch.arange(batch.suffix_ids.shape[1], device=batch.suffix_ids.device)
+    positions = batch.prefix_lens[:, None] + torch.arange(
+        batch.suffix_ids.shape[1], device=batch.suffix_ids.device
+    )
     attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
     hidden = backbone(model)(
         input_ids=batch.suffix_ids,
@@ -197,7 +209,9 @@ def detection_logits(model: nn.Module, batch: DetectionBatch) -> torch.Tensor:
     return suffix_logits(model, batch, steered_cache(model, batch))
 
 
-def answer_probabilities(logits: torch.Tensor, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_probabilities(
+    logits: torch.Tensor, answer_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``p_yes`` (2-way softmax over the answer pair) and the pair's raw probability mass."""
     logits = logits.float()
     pair = logits.gather(1, answer_ids)
@@ -228,7 +242,9 @@ def score_detection(
     if batch_size < 1:
         raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
     prompts = [build_prompt(tokenizer, ex, info_prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids))
+    order = sorted(
+        range(len(prompts)), key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids)
+    )
     p_yes = [0.0] * len(prompts)
     mass = [0.0] * len(prompts)
     device = next(model.parameters()).device

@@ -45,7 +45,9 @@ class Steering:
             )
         norm = float(self.vector.float().norm())
         if abs(norm - 1.0) > UNIT_TOLERANCE:
-            raise IntrospectError(f"vector: norm {norm:.4f} is not 1; steering vectors are unit rows")
+            raise IntrospectError(
+                f"vector: norm {norm:.4f} is not 1; steering vectors are unit rows"
+            )
         if not (0 <= self.layer_start < self.layer_end <= n_layers):
             raise IntrospectError(
                 f"layer_start/layer_end: [{self.layer_start}, {self.layer_end}) is outside the "
