@@ -1,0 +1,87 @@
+"""Reading the residual stream: last-token activations and per-layer norms.
+
+"Layer ``i``" here always means the output of decoder layer ``i``: the same place a Steering on
+layer ``i`` adds to, so a vector read at a layer can be injected back at that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from introspect.models import LoadedModel, backbone, decoder_layers
+
+
+def _chat_batches(lm: LoadedModel, prompts: Sequence[str], batch_size: int):
+    """Left-padded batches of user prompts in the model's chat template (ready to answer)."""
+    tok = lm.tokenizer
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts[start : start + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x) :] = torch.tensor(x)
+            mask[i, width - len(x) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        yield input_ids.to(lm.device), mask.to(lm.device), positions.to(lm.device)
+
+
+@torch.no_grad()
+def hidden_states(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16):
+    """Yield ``(states, mask)`` per batch: ``states`` is ``[n_layers, B, T, d]`` layer outputs.
+
+    Read with forward hooks on the decoder layers rather than ``output_hidden_states``, whose
+    last entry has the final norm applied: this way every layer means the same thing.
+    """
+    layers = decoder_layers(lm.model)
+    for input_ids, mask, positions in _chat_batches(lm, prompts, batch_size):
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, _inputs, output, captured=captured):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(grab) for layer in layers]
+        try:
+            backbone(lm.model)(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        finally:
+            for h in handles:
+                h.remove()
+        yield torch.stack(captured), mask
+
+
+def last_token_activations(
+    lm: LoadedModel, prompts: Sequence[str], layer: int, batch_size: int = 16
+) -> torch.Tensor:
+    """``[N, d_model]`` float32 output of decoder layer ``layer`` at each prompt's last token."""
+    rows = [
+        states[layer, :, -1].float().cpu() for states, _ in hidden_states(lm, prompts, batch_size)
+    ]
+    return torch.cat(rows)
+
+
+def residual_norms(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> list[float]:
+    """Mean L2 norm of each decoder layer's output over all real tokens of the prompts.
+
+    Used to set steering magnitudes relative to the model's own scale (small models differ).
+    The first token is left out: attention-sink tokens carry norms far above the rest.
+    """
+    total = None
+    count = 0.0
+    for states, mask in hidden_states(lm, prompts, batch_size):
+        m = mask.clone().float()
+        first = m.argmax(1)  # left padding: the first real token of each row
+        m[torch.arange(m.shape[0]), first] = 0.0
+        norms = states.float().norm(dim=-1)  # [L, B, T]
+        s = (norms * m).sum(dim=(1, 2))
+        total = s if total is None else total + s
+        count += float(m.sum())
+    return (total / count).cpu().tolist()
