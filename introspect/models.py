@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ALIASES = ("smollm2-135m", "tiny-random")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LAYERS, TINY_D_MODEL = 4, 64
 
 
 @dataclass
@@ -170,7 +171,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
-def build_tiny_random(seed: int = 0, n_layers: int = 4, d_model: int = 64):
+def build_tiny_random(seed: int = 0, n_layers: int = TINY_LAYERS, d_model: int = TINY_D_MODEL):
     """A small Llama with seeded random weights and SmolLM2's tokenizer, for tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -229,3 +230,20 @@ def hidden_size(model: nn.Module) -> int:
     config = causal_lm(model).config
     text_config = getattr(config, "get_text_config", lambda: config)()
     return int(text_config.hidden_size)
+
+
+def dims(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """``(n_layers, d_model)`` from the config alone, without loading any weights."""
+    if name_or_path == "tiny-random":
+        return TINY_LAYERS, TINY_D_MODEL
+    from transformers import AutoConfig
+
+    source = smollm2_dir() if name_or_path == "smollm2-135m" else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise IntrospectError(
+            f"model: cannot read the config of {name_or_path!r} ({str(e).splitlines()[0]})"
+        ) from None
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(config.num_hidden_layers), int(config.hidden_size)

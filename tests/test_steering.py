@@ -1,4 +1,4 @@
-"""Checks of introspect.steering: what the hooks add, where, to which rows, and that they go away."""
+"""Checks of introspect.steering: what the hooks add, where, to which rows, and their removal."""
 
 from contextlib import contextmanager
 
@@ -41,7 +41,9 @@ def capturing(model):
 
         return hook
 
-    handles = [layer.register_forward_hook(save(i)) for i, layer in enumerate(decoder_layers(model))]
+    handles = [
+        layer.register_forward_hook(save(i)) for i, layer in enumerate(decoder_layers(model))
+    ]
     try:
         yield store
     finally:
