@@ -1,1 +1,1 @@
-"""Ray actors wrapping introspect objects (ModelHost: one model per GPU). Built in the Ray engine issue."""
+"""Ray actors wrapping introspect objects (ModelHost: one model per GPU)."""
