@@ -218,7 +218,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if isinstance(layers, nn.ModuleList):
         return layers
-    # Fall back to the longest ModuleList whose length matches the configured depth.
+    # Fall back to the first ModuleList whose length matches the configured depth.
     n = getattr(causal_lm(model).config, "num_hidden_layers", None)
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:

@@ -44,7 +44,7 @@ class Steering:
                 f"d_model={d_model}; use vectors made for this model (introspect vectors ...)"
             )
         norm = float(self.vector.float().norm())
-        if abs(norm - 1.0) > UNIT_TOLERANCE:
+        if not math.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
             raise IntrospectError(
                 f"vector: norm {norm:.4f} is not 1; steering vectors are unit rows"
             )

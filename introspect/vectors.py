@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from introspect.activations import last_token_activations
 from introspect.errors import IntrospectError
@@ -75,11 +76,28 @@ def save_vectors(path: str | os.PathLike, vs: VectorSet) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file({"vectors": vs.vectors.float().contiguous()}, tmp, metadata=metadata)
+        Path(tmp).write_bytes(_safetensors_bytes(vs.vectors, metadata))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _safetensors_bytes(vectors: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """One float32 tensor in the safetensors layout, with a sorted header.
+
+    The safetensors library writes metadata in hash-map order, so two saves of the same vectors
+    differ byte for byte; plan stages hash their inputs, so the same seed must give the same file.
+    Layout: u64 little-endian header length, JSON header padded with spaces to 8 bytes, raw data.
+    """
+    data = vectors.detach().float().contiguous().cpu().numpy().astype("<f4").tobytes()
+    header = {
+        "__metadata__": metadata,
+        "vectors": {"dtype": "F32", "shape": list(vectors.shape), "data_offsets": [0, len(data)]},
+    }
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def load_vectors(path: str | os.PathLike, d_model: int | None = None) -> VectorSet:

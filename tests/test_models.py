@@ -30,10 +30,12 @@ def token_ids() -> torch.Tensor:
 
 
 def test_tiny_random_is_deterministic_and_leaves_the_global_rng_alone():
-    rng = torch.random.get_rng_state()
-    a, _ = build_tiny_random()
-    b, _ = build_tiny_random()
-    assert torch.equal(torch.random.get_rng_state(), rng)
+    with torch.random.fork_rng():
+        torch.manual_seed(12345)  # a state no build would leave behind
+        rng = torch.random.get_rng_state()
+        a, _ = build_tiny_random()
+        b, _ = build_tiny_random()
+        assert torch.equal(torch.random.get_rng_state(), rng)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -214,6 +214,12 @@ def test_invalid_steering_raises_naming_the_field(tiny, steering, field):
     assert hook_counts(tiny.model) == counts
 
 
+def test_a_nan_vector_is_rejected(tiny):
+    with pytest.raises(IntrospectError, match="vector"):
+        with steer(tiny.model, Steering(torch.full((D_MODEL,), float("nan")), 0, 2, 1.0)):
+            pass
+
+
 def test_valid_edge_cases_are_accepted(tiny):
     # The whole depth, a vector off unit length by less than the tolerance, a zero magnitude.
     v = unit(D_MODEL, 0) * (1 + 5e-4)
