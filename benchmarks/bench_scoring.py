@@ -42,10 +42,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="examples per measurement")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both sides)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scoring_cpu.json"))
     args = parser.parse_args()
 
-    lm = models.load(args.model)
+    lm = models.load(args.model, dtype=args.dtype)
     vs = VectorSet(random_vectors(lm.d_model, 20, 0), args.model, "random", 20, name="bench")
     # Every row steered, so the overhead comparison steers all of them.
     config = DataConfig(n=args.n, steered_fraction=1.0, magnitudes=[10.0], seed=0)
