@@ -231,3 +231,17 @@ def detection_metrics(
         mean_p_yes_unsteered=float(p[~y].mean()) if n_neg else NAN,
         ci=ci,
     )
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    # One point per distinct score: ties move together.
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp = np.cumsum(y)[last]
+    fp = np.cumsum(~y)[last]
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]

@@ -45,3 +45,44 @@ def heatmap(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def roc_curves(scores: pd.DataFrame, path: str | os.PathLike, title: str = "ROC") -> None:
+    """One ROC curve per tier (``tier``, ``label``, ``p_yes`` columns), AUROC in the legend."""
+    from introspect.metrics import auroc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for tier, df in scores.groupby("tier", sort=False):
+        y, p = df["label"].to_numpy(bool), df["p_yes"].to_numpy(float)
+        fpr, tpr = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{tier} (AUROC {auroc(p[y], p[~y]):.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def p_yes_histograms(scores: pd.DataFrame, path: str | os.PathLike, title: str = "p_yes") -> None:
+    """Per tier, the p_yes distributions of steered vs unsteered trials."""
+    tiers = list(dict.fromkeys(scores["tier"]))
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4 * len(tiers), 3.3), squeeze=False)
+    bins = np.linspace(0, 1, 26)
+    for ax, tier in zip(axes[0], tiers, strict=True):
+        df = scores[scores["tier"] == tier]
+        ax.hist(df.loc[df["steered"], "p_yes"], bins=bins, alpha=0.6, label="steered", color="C3")
+        ax.hist(
+            df.loc[~df["steered"], "p_yes"], bins=bins, alpha=0.6, label="unsteered", color="C0"
+        )
+        ax.axvline(0.5, c="k", lw=0.8, ls=":")
+        ax.set_title(tier, fontsize=10)
+        ax.set_xlabel("p_yes")
+    axes[0][0].set_ylabel("trials")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

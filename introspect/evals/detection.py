@@ -1,0 +1,257 @@
+"""B1 detection evaluation: balanced steered/unsteered trials in three tiers.
+
+* ``in_distribution`` - random vectors the model trained on (rows ``< n_train``);
+* ``held_out`` - random vectors it never saw (rows ``>= n_train``);
+* ``concepts`` - concept directions (out of distribution).
+
+In every tier each steered trial has an unsteered twin with the same context, reply and question
+(the twin carries its partner's layer range and magnitude as a label of the cell; nothing is
+applied to it), so the tiers and every layer-range × magnitude cell are balanced. Text triples
+are drawn without replacement within a tier, so no two unsteered trials of a tier are identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from introspect.data import (
+    DataConfig,
+    absolute_magnitudes,
+    default_prompts,
+    layer_ranges,
+    range_name,
+)
+from introspect.errors import IntrospectError
+from introspect.examples import COLUMNS, score_examples, write_examples
+from introspect.metrics import detection_metrics
+from introspect.models import LoadedModel
+from introspect.vectors import VectorSet
+
+TIERS = ("in_distribution", "held_out", "concepts")
+
+
+def tier_trials(
+    vs: VectorSet,
+    rows: range,
+    tier: str,
+    n_steered: int,
+    n_layers: int,
+    prompts: dict,
+    magnitudes: dict[tuple[int, int], list[float]],
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """``n_steered`` steered trials with vectors from ``rows`` of ``vs``, each with a twin."""
+    if len(rows) == 0:
+        raise IntrospectError(f"vectors: '{vs.name}' has no rows for the {tier} tier")
+    triples = list(
+        itertools.product(
+            prompts["context_prompts"],
+            prompts["assistant_responses"],
+            prompts["detection_questions"],
+        )
+    )
+    replace = n_steered > len(triples)  # only when asked for more trials than distinct texts
+    picks = rng.choice(len(triples), size=n_steered, replace=replace)
+    ranges = list(layer_ranges(n_layers).values())
+    out = []
+    for k in picks:
+        context, reply, question = triples[k]
+        start, end = ranges[rng.integers(len(ranges))]
+        cell_mags = magnitudes[(start, end)]
+        magnitude = float(cell_mags[rng.integers(len(cell_mags))])
+        idx = int(rows[rng.integers(len(rows))])
+        for steered in (True, False):
+            out.append(
+                {
+                    "steered": steered,
+                    "vector_set": vs.name,
+                    "vector_idx": idx if steered else None,
+                    "layer_start": start,
+                    "layer_end": end,
+                    "magnitude": magnitude,
+                    "context_prompt": context,
+                    "assistant_response": reply,
+                    "detection_question": question,
+                    "system_prompt": None,
+                    "label": steered,
+                    "variant": f"b1-{tier}",
+                }
+            )
+    df = pd.DataFrame(out)[list(COLUMNS)]
+    df["vector_idx"] = df["vector_idx"].astype("Int64")
+    df["tier"] = tier
+    return df
+
+
+def food_trials(n: int, prompts: dict, rng: np.random.Generator) -> pd.DataFrame:
+    """The food-control task: food vs other contexts, label = is about food, nothing steered."""
+    rows = []
+    for is_food in [True] * (n // 2) + [False] * (n - n // 2):
+        pool = prompts["food_context_prompts" if is_food else "context_prompts"]
+        rows.append(
+            {
+                "steered": False,
+                "vector_set": "",
+                "vector_idx": None,
+                "layer_start": 0,
+                "layer_end": 0,
+                "magnitude": 0.0,
+                "context_prompt": pool[rng.integers(len(pool))],
+                "assistant_response": prompts["assistant_responses"][
+                    rng.integers(len(prompts["assistant_responses"]))
+                ],
+                "detection_question": prompts["food_question"],
+                "system_prompt": None,
+                "label": is_food,
+                "variant": "b1-food",
+            }
+        )
+    df = pd.DataFrame(rows)[list(COLUMNS)]
+    df["vector_idx"] = df["vector_idx"].astype("Int64")
+    df["tier"] = "food"
+    return df
+
+
+def detection_trials(
+    n_layers: int,
+    random_vs: VectorSet,
+    concept_vs: VectorSet | None = None,
+    n_per_tier: int = 200,
+    magnitudes: list[float] | None = None,
+    magnitude_mode: str = "absolute",
+    norms: list[float] | None = None,
+    food: bool = False,
+    seed: int = 0,
+    prompts: dict | None = None,
+) -> pd.DataFrame:
+    """All B1 trials: ``n_per_tier`` steered + as many unsteered per tier (+ the food task)."""
+    prompts = prompts or default_prompts()
+    config = DataConfig(
+        magnitudes=magnitudes or [5.0, 10.0, 20.0, 30.0], magnitude_mode=magnitude_mode
+    )
+    config.validate()
+    mags = absolute_magnitudes(config, n_layers, norms)
+    rng = np.random.default_rng(seed)
+    n_rows = random_vs.vectors.shape[0]
+    parts = [
+        tier_trials(
+            random_vs,
+            range(0, random_vs.n_train),
+            "in_distribution",
+            n_per_tier,
+            n_layers,
+            prompts,
+            mags,
+            rng,
+        ),
+        tier_trials(
+            random_vs,
+            range(random_vs.n_train, n_rows),
+            "held_out",
+            n_per_tier,
+            n_layers,
+            prompts,
+            mags,
+            rng,
+        ),
+    ]
+    if concept_vs is not None:
+        parts.append(
+            tier_trials(
+                concept_vs,
+                range(concept_vs.vectors.shape[0]),
+                "concepts",
+                n_per_tier,
+                n_layers,
+                prompts,
+                mags,
+                rng,
+            )
+        )
+    if food:
+        parts.append(food_trials(2 * n_per_tier, prompts, rng))
+    return pd.concat(parts, ignore_index=True)
+
+
+def tier_metrics(scores: pd.DataFrame, n_layers: int) -> dict:
+    """Per tier: detection metrics with intervals, plus the layer-range × magnitude breakdown."""
+    out: dict = {"tiers": {}}
+    for tier, df in scores.groupby("tier", sort=False):
+        m = detection_metrics(df["label"].to_numpy(), df["p_yes"].to_numpy()).to_dict()
+        m["mean_yes_no_mass"] = float(df["yes_no_mass"].mean())
+        if tier == "food":
+            out["food"] = m
+            continue
+        cells = []
+        for (start, end, magnitude), cell in df.groupby(["layer_start", "layer_end", "magnitude"]):
+            predicted = cell["p_yes"] > 0.5
+            cells.append(
+                {
+                    "layers": range_name(n_layers, start, end),
+                    "layer_start": int(start),
+                    "layer_end": int(end),
+                    "magnitude": float(magnitude),
+                    "n": len(cell),
+                    "accuracy": float((predicted == cell["label"]).mean()),
+                    "tpr": float(predicted[cell["label"]].mean()),
+                    "fpr": float(predicted[~cell["label"]].mean()),
+                }
+            )
+        m["cells"] = cells
+        out["tiers"][tier] = m
+    return out
+
+
+def evaluate_detection(
+    lm: LoadedModel,
+    trials: pd.DataFrame,
+    vector_sets: dict[str, VectorSet],
+    batch_size: int = 16,
+    info_prompt: str | None = None,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict]:
+    """Score the trials and compute the per-tier metrics."""
+    scores = score_examples(lm, trials, vector_sets, batch_size, info_prompt, progress)
+    scores["tier"] = trials["tier"].to_numpy()
+    return scores, tier_metrics(scores, lm.n_layers)
+
+
+def write_detection_eval(
+    out: str | os.PathLike, scores: pd.DataFrame, metrics: dict, n_layers: int
+) -> None:
+    """metrics.json, scores.parquet and the PNG plots (ROC, p_yes histograms, heatmaps)."""
+    from introspect import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_examples(scores, out / "scores.parquet")
+    detection = scores[scores["tier"] != "food"]
+    title = metrics.get("label", "")
+    plots.roc_curves(detection, out / "roc.png", title=f"ROC by tier {title}")
+    plots.p_yes_histograms(
+        detection, out / "p_yes_hist.png", title=f"p_yes steered vs unsteered {title}"
+    )
+    for tier, m in metrics["tiers"].items():
+        cells = pd.DataFrame(m["cells"])
+        pivot = cells.pivot_table(
+            index="layers", columns="magnitude", values="accuracy", sort=False
+        )
+        order = [r for r in layer_ranges(n_layers) if r in pivot.index]
+        plots.heatmap(
+            pivot.loc[order] if order else pivot,
+            out / f"heatmap_{tier}.png",
+            title=f"{tier}: accuracy by layer range × magnitude {title}",
+            xlabel="magnitude",
+            ylabel="layer range",
+            center=0.5,
+            fmt="{:.2f}",
+        )
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")

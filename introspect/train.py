@@ -1,0 +1,488 @@
+"""Detection finetuning: teach a model to say whether its prefix was steered.
+
+One step: the batched prefix pass under ``no_grad`` with per-row steering fills the cache, the
+suffix pass runs with gradients, and the loss is the 2-way cross-entropy over the (yes, no)
+logits at the answer position. LoRA (peft) or full fine-tuning; AdamW with linear warm-up and
+decay; clipping; accumulation.
+
+Data order is a function of (seed, micro-step) alone, and a checkpoint holds the trainable
+weights, optimizer, scheduler and RNG state and the step, so a resumed run takes exactly the
+batches an uninterrupted run would have. A non-finite loss or gradient stops the run and leaves
+the last good checkpoint in place.
+
+``train`` is a plain function of (model, data, config) with no global state: the Ray engine runs
+this same loop inside its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from introspect.detection import (
+    DetectionPrompt,
+    build_prompt,
+    collate,
+    steered_cache,
+    suffix_logits,
+)
+from introspect.errors import IntrospectError
+from introspect.examples import to_detection_examples
+from introspect.models import LoadedModel, causal_lm
+from introspect.vectors import VectorSet
+
+COMPLETE = "COMPLETE"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a detection-training run. Presets fill some; any field can be overridden."""
+
+    method: str = "lora"  # "lora" or "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    eval_every: int = 50
+    save_every: int = 50
+    val_max_examples: int = 256
+    keep_checkpoints: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    data_variant: str = "original"  # the data this run expects (plans use it to pick the data)
+    info_prompt: bool = False
+
+    def validate(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise IntrospectError(f"method: {self.method!r} must be 'lora' or 'full'")
+        positive = ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_every", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise IntrospectError(f"{name}: {getattr(self, name)} must be >= 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise IntrospectError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
+        if not self.lr > 0:
+            raise IntrospectError(f"lr: {self.lr} must be > 0")
+        if self.max_steps is None and not self.epochs > 0:
+            raise IntrospectError(f"epochs: {self.epochs} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise IntrospectError(f"max_steps: {self.max_steps} must be >= 1")
+
+
+PRESETS: dict[str, dict] = {
+    # Seed 002's five runs. Hyperparameters follow the reference (LoRA r16/α32 on q,k,v,o,
+    # AdamW 2e-4, 100 warm-up steps); batch 8 in one pass instead of batch 1 × accumulation 8.
+    "original": {},
+    "vague-prompt": {"data_variant": "vague-prompt"},
+    "r1-minimal": {"lora_r": 1, "lora_alpha": 2},
+    "food-control": {"data_variant": "food-control"},
+    "flipped-labels": {"data_variant": "flipped-labels"},
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A preset's config with overrides; unknown presets and fields are named in the error."""
+    if name not in PRESETS:
+        raise IntrospectError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in overrides:
+        if key not in known:
+            raise IntrospectError(
+                f"{key}: not a training option (known: {', '.join(sorted(known))})"
+            )
+    config = TrainConfig(**{**PRESETS[name], **overrides})
+    config.validate()
+    return config
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_step: int | None
+    best_val_accuracy: float
+    final_val_accuracy: float
+    final_val_loss: float
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def micro_batch(n: int, batch_size: int, seed: int, micro_step: int) -> np.ndarray:
+    """Indices of one micro-batch: a seeded permutation per epoch, sliced by the step.
+
+    A pure function of its arguments, so a resumed (or restarted) worker picks up exactly where
+    the interrupted one stopped. The last partial batch of an epoch is dropped.
+    """
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise IntrospectError(f"batch_size: {batch_size} is larger than the {n} training examples")
+    epoch, k = divmod(micro_step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def total_steps(config: TrainConfig, n: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = n // config.batch_size
+    return max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def prepare_model(lm: LoadedModel, config: TrainConfig) -> torch.nn.Module:
+    """Wrap with LoRA or unfreeze everything. Modifies ``lm.model`` in place and returns it."""
+    torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            lm.model = get_peft_model(lm.model, lora)
+        except ValueError as e:
+            raise IntrospectError(f"target_modules: {e}") from None
+    else:
+        for p in lm.model.parameters():
+            p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        causal_lm(lm.model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return lm.model
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then linear decay to zero at the last step."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Trainable weights (safetensors) + optimizer/scheduler/RNG/position, written atomically."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = run_dir / "checkpoints" / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **state,
+        },
+        tmp / "state.pt",
+    )
+    (tmp / COMPLETE).write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint with its completion marker (a half-written one is ignored)."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+    except Exception as e:  # damaged files raise several types
+        raise IntrospectError(
+            f"checkpoint: {path} cannot be read ({e}); delete it to resume from an earlier one"
+        ) from None
+    params = trainable(model)
+    if set(weights) != set(params):
+        raise IntrospectError(
+            f"checkpoint: {path} does not match this model/config (different trainable weights)"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def export_model(model, tokenizer, out: Path, meta: dict) -> None:
+    """save_pretrained format (an adapter for LoRA, the whole model for full FT), atomically."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if meta.get("method") == "full":
+        tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def label_targets(labels: Sequence[bool]) -> torch.Tensor:
+    """Class index in the (positive, negative) answer pair: 0 for a true label, 1 for false."""
+    return torch.tensor([0 if bool(y) else 1 for y in labels], dtype=torch.long)
+
+
+def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, pad_id: int):
+    """Loss and number correct for one micro-batch (steered prefix without grad, suffix with)."""
+    device = next(model.parameters()).device
+    batch = collate(prompts, pad_id).to(device)
+    cache = steered_cache(model, batch)
+    logits = suffix_logits(model, batch, cache)
+    pair = logits.float().gather(1, batch.answer_ids)
+    targets = targets.to(device)
+    loss = F.cross_entropy(pair, targets)
+    correct = int((pair.argmax(-1) == targets).sum())
+    return loss, correct
+
+
+@torch.no_grad()
+def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[float, float]:
+    """Validation accuracy and mean 2-way cross-entropy."""
+    was_training = model.training
+    model.eval()
+    targets = label_targets(labels)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        loss, c = step_loss(
+            model, prompts[start : start + batch_size], targets[start : start + batch_size], pad_id
+        )
+        total_loss += float(loss) * len(prompts[start : start + batch_size])
+        correct += c
+    model.train(was_training)
+    return correct / len(prompts), total_loss / len(prompts)
+
+
+def train(
+    lm: LoadedModel,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    vector_sets: Mapping[str, VectorSet],
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = False,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train ``lm`` (in place) on the examples; write checkpoints, logs and the best model.
+
+    ``on_step(step, model)`` runs after each optimizer step (tests use it to inject a fault).
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    if not resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
+        raise IntrospectError(
+            f"out: {run_dir} already holds a run; pass --resume or pick another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({**asdict(config), "model": lm.name}, indent=2))
+
+    from introspect.data import default_prompts
+
+    info = default_prompts()["info_prompt"] if config.info_prompt else None
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    to_prompts = lambda df: [  # noqa: E731
+        build_prompt(tok, ex, info)
+        for ex in to_detection_examples(df, vector_sets, lm.n_layers, lm.d_model)
+    ]
+    train_prompts, train_labels = to_prompts(train_df), train_df["label"].tolist()
+    val_df = val_df.iloc[: config.val_max_examples]
+    val_prompts, val_labels = to_prompts(val_df), val_df["label"].tolist()
+    if not train_prompts or not val_prompts:
+        raise IntrospectError("data: the training and validation sets must both have rows")
+
+    model = prepare_model(lm, config)
+    params = list(trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    n_steps = total_steps(config, len(train_prompts))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.warmup_steps, n_steps)
+    )
+
+    step, best_acc, best_step = 0, -1.0, None
+    log_path = run_dir / "log.jsonl"
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
+        _truncate_log(log_path, step)
+    elif log_path.exists():
+        log_path.unlink()
+
+    model.train()
+    bar = _progress(progress, n_steps, step)
+    last_good = ckpt
+    val_acc, val_loss = float("nan"), float("nan")
+    with bar as p:
+        task = p.add_task("training", total=n_steps, completed=step) if p else None
+        while step < n_steps:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for a in range(config.grad_accum):
+                idx = micro_batch(
+                    len(train_prompts), config.batch_size, config.seed, step * config.grad_accum + a
+                )
+                loss, c = step_loss(
+                    model,
+                    [train_prompts[i] for i in idx],
+                    label_targets([train_labels[i] for i in idx]),
+                    pad_id,
+                )
+                (loss / config.grad_accum).backward()
+                loss_sum += float(loss)
+                correct += c
+                seen += len(idx)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                where = (
+                    f"last good checkpoint: {last_good}"
+                    if last_good
+                    else "no checkpoint was written"
+                )
+                what = "loss" if not math.isfinite(loss_sum) else "gradient"
+                raise TrainingDiverged(
+                    f"step {step + 1}: non-finite {what} (loss {loss_sum / config.grad_accum}, "
+                    f"grad norm {grad_norm}); stopped, {where}"
+                )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, model)
+            record = {
+                "step": step,
+                "epoch": step * config.grad_accum * config.batch_size / len(train_prompts),
+                "loss": loss_sum / config.grad_accum,
+                "accuracy": correct / seen,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "examples_per_s": seen / (time.perf_counter() - t0),
+            }
+            if step % config.eval_every == 0 or step == n_steps:
+                val_acc, val_loss = validate(
+                    model, val_prompts, val_labels, pad_id, config.batch_size * 2
+                )
+                record.update(val_accuracy=val_acc, val_loss=val_loss)
+                if val_acc > best_acc:
+                    best_acc, best_step = val_acc, step
+                    meta = {
+                        "step": step,
+                        "val_accuracy": val_acc,
+                        "val_loss": val_loss,
+                        "method": config.method,
+                        "base_model": lm.name,
+                    }
+                    export_model(model, tok, run_dir / "best", meta)
+            _append(log_path, record)
+            if step % config.save_every == 0 or step == n_steps:
+                state = {"step": step, "best_acc": best_acc, "best_step": best_step}
+                last_good = save_checkpoint(run_dir, step, model, optimizer, scheduler, state)
+                prune_checkpoints(run_dir, config.keep_checkpoints)
+            if p:
+                p.update(task, completed=step, description=f"training loss {record['loss']:.3f}")
+
+    meta = {
+        "step": step,
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "method": config.method,
+        "base_model": lm.name,
+    }
+    export_model(model, tok, run_dir / "final", meta)
+    result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so no step is logged twice."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _progress(enabled: bool, total: int, done: int):
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    )
