@@ -226,6 +226,172 @@ def baseline(
     )
 
 
+eval_app = typer.Typer(help="Evaluation suites.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, lists, null)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise IntrospectError(f"set: {item!r} must look like key=value")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    model: Model,
+    data: Annotated[Path, typer.Option(help="directory with train.parquet and val.parquet")],
+    vectors: Annotated[list[Path], typer.Option(help="vector file(s) the examples refer to")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    preset: Annotated[
+        str, typer.Option(help="original, vague-prompt, r1-minimal, ...")
+    ] = "original",
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides epochs)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the training data")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a config field: key=value")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 / bfloat16 (default by device)")
+    ] = None,
+) -> None:
+    """Detection finetuning (LoRA or full) with checkpoints, resume and a JSONL log."""
+    from introspect import models
+    from introspect.examples import read_examples
+    from introspect.train import TrainingDiverged, train
+    from introspect.train import preset as make_preset
+    from introspect.vectors import load_vectors
+
+    overrides = _parse_overrides(set_ or [])
+    if steps is not None:
+        overrides["max_steps"] = steps
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    config = make_preset(preset, **overrides)
+    train_df = read_examples(data / "train.parquet")
+    val_df = read_examples(data / "val.parquet")
+    with console.status(f"loading {model}"):
+        lm = models.load(model, dtype=dtype)
+    sets = {vs.name: vs for vs in (load_vectors(p, lm.d_model) for p in vectors)}
+    try:
+        result = train(lm, train_df, val_df, sets, config, out, resume=resume, progress=True)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    console.print(
+        f"{result.steps} steps; best val accuracy {result.best_val_accuracy:.3f} at step "
+        f"{result.best_step}; final {result.final_val_accuracy:.3f} → {out}"
+    )
+
+
+def resolve_adapter(path: Path) -> Path:
+    """A run directory means its best model (else its final one); any other dir is used as is."""
+    for sub in ("best", "final"):
+        if (path / sub).is_dir():
+            return path / sub
+    return path
+
+
+@eval_app.command("detection")
+def eval_detection(
+    model: Model,
+    vectors: Annotated[Path, typer.Option(help="random vector file (train + held-out rows)")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    adapter: Annotated[Path | None, typer.Option(help="run dir or adapter/model dir")] = None,
+    concepts: Annotated[Path | None, typer.Option(help="concept vector file")] = None,
+    n_per_tier: Annotated[
+        int, typer.Option(help="steered trials per tier (+ as many unsteered)")
+    ] = 200,
+    magnitudes: str = "5,10,20,30",
+    magnitude_mode: str = "absolute",
+    food: Annotated[bool, typer.Option(help="also score the food-control task")] = False,
+    info_prompt: bool = False,
+    batch_size: int = 16,
+    seed: int = 1234,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 / bfloat16 (default by device)")
+    ] = None,
+) -> None:
+    """B1: accuracy, TPR, FPR, d′, AUROC with intervals per tier; plots."""
+    from rich.table import Table
+
+    from introspect import models
+    from introspect.activations import residual_norms
+    from introspect.data import default_prompts
+    from introspect.evals.detection import (
+        detection_trials,
+        evaluate_detection,
+        write_detection_eval,
+    )
+    from introspect.vectors import load_vectors
+
+    base, adapter_dir = model, None
+    if adapter is not None:
+        adapter_dir = resolve_adapter(adapter)
+        if not (adapter_dir / "adapter_config.json").exists():
+            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
+    with console.status(f"loading {model}"):
+        lm = models.load(base, dtype=dtype, adapter=adapter_dir)
+    random_vs = load_vectors(vectors, lm.d_model)
+    concept_vs = load_vectors(concepts, lm.d_model) if concepts else None
+    texts = default_prompts()
+    norms = residual_norms(lm, texts["context_prompts"]) if magnitude_mode == "relative" else None
+    trials = detection_trials(
+        lm.n_layers,
+        random_vs,
+        concept_vs,
+        n_per_tier,
+        _floats(magnitudes, "magnitudes"),
+        magnitude_mode,
+        norms,
+        food,
+        seed,
+        texts,
+    )
+    sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
+    info = texts["info_prompt"] if info_prompt else None
+    scores, metrics = evaluate_detection(lm, trials, sets, batch_size, info, progress=True)
+    metrics.update(
+        model=model,
+        adapter=str(adapter) if adapter else None,
+        label=str(adapter or model),
+        n_per_tier=n_per_tier,
+        magnitudes=_floats(magnitudes, "magnitudes"),
+        magnitude_mode=magnitude_mode,
+        seed=seed,
+        info_prompt=info_prompt,
+    )
+    write_detection_eval(out, scores, metrics, lm.n_layers)
+
+    shown = Table(title=f"B1 detection: {adapter or model}")
+    for col in ("tier", "accuracy", "TPR", "FPR", "d′", "AUROC", "n s/u"):
+        shown.add_column(col, justify="right")
+    rows = list(metrics["tiers"].items()) + (
+        [("food", metrics["food"])] if "food" in metrics else []
+    )
+    for tier, m in rows:
+        ci = m["ci"]
+        shown.add_row(
+            tier,
+            f"{m['accuracy']:.3f} [{ci['accuracy'][0]:.2f},{ci['accuracy'][1]:.2f}]",
+            f"{m['tpr']:.3f}",
+            f"{m['fpr']:.3f}",
+            f"{m['d_prime']:.2f}",
+            f"{m['auroc']:.3f}",
+            f"{m['n_steered']}/{m['n_unsteered']}",
+        )
+    Console().print(shown)
+    console.print(f"wrote metrics.json, scores.parquet and plots to {out}")
+
+
 def main() -> None:
     """Console entry point: IntrospectError becomes one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

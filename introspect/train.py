@@ -389,7 +389,7 @@ def train(
                     pad_id,
                 )
                 (loss / config.grad_accum).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 correct += c
                 seen += len(idx)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
