@@ -1,0 +1,49 @@
+"""B1 detection evaluation: balanced tiers, the metrics file, the plots."""
+
+import json
+
+import pandas as pd
+
+from introspect.evals.detection import detection_trials, evaluate_detection, write_detection_eval
+from introspect.metrics import detection_metrics
+from introspect.vectors import VectorSet, random_vectors
+
+RANDOM = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
+CONCEPTS = VectorSet(
+    random_vectors(64, 5, 9), "tiny-random", "concept", 0, names=list("abcde"), name="concepts"
+)
+
+
+def test_tiers_are_balanced_with_twins_and_use_the_right_vectors():
+    trials = detection_trials(4, RANDOM, CONCEPTS, n_per_tier=30, magnitudes=[4.0, 8.0], food=True)
+    for tier in ("in_distribution", "held_out", "concepts"):
+        t = trials[trials.tier == tier]
+        assert t.steered.sum() == 30 and (~t.steered).sum() == 30
+        unsteered = t[~t.steered][["context_prompt", "assistant_response", "detection_question"]]
+        assert not unsteered.duplicated().any(), "distinct texts within a tier"
+        steered_texts = t[t.steered][unsteered.columns].reset_index(drop=True)
+        pd.testing.assert_frame_equal(steered_texts, unsteered.reset_index(drop=True))
+    idx = trials[trials.steered].groupby("tier").vector_idx
+    assert idx.max()["in_distribution"] < 10 <= idx.min()["held_out"]
+    assert trials[trials.tier == "concepts"].vector_set.eq("concepts").all()
+    food = trials[trials.tier == "food"]
+    assert not food.steered.any() and food.label.sum() == 30
+
+
+def test_metrics_file_shape_and_values(tiny, tmp_path):
+    trials = detection_trials(4, RANDOM, CONCEPTS, n_per_tier=8, magnitudes=[4.0, 8.0], food=True)
+    scores, metrics = evaluate_detection(tiny, trials, {"random": RANDOM, "concepts": CONCEPTS})
+    write_detection_eval(tmp_path, scores, metrics, tiny.n_layers)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m["tiers"]) == {"in_distribution", "held_out", "concepts"} and "food" in m
+    for tier, t in m["tiers"].items():
+        for key in ("accuracy", "tpr", "fpr", "d_prime", "auroc", "n_steered", "n_unsteered", "ci"):
+            assert key in t
+        assert t["n_steered"] == t["n_unsteered"] == 8
+        assert set(t["ci"]) == {"accuracy", "tpr", "fpr", "d_prime", "auroc"}
+        s = scores[scores.tier == tier]
+        expected = detection_metrics(s.label.to_numpy(), s.p_yes.to_numpy())
+        assert t["accuracy"] == expected.accuracy and t["auroc"] == expected.auroc
+        assert sum(c["n"] for c in t["cells"]) == 16
+    for name in ("roc.png", "p_yes_hist.png", "heatmap_held_out.png", "scores.parquet"):
+        assert (tmp_path / name).stat().st_size > 1000

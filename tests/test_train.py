@@ -1,0 +1,157 @@
+"""Detection training on tiny-random: the loop, exact resume, the NaN stop, presets."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from introspect import models
+from introspect.data import DataConfig, make_examples, split
+from introspect.errors import IntrospectError
+from introspect.train import (
+    PRESETS,
+    TrainingDiverged,
+    latest_checkpoint,
+    micro_batch,
+    preset,
+    train,
+)
+from introspect.vectors import VectorSet, random_vectors
+
+VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = make_examples(DataConfig(n=120, seed=0, magnitudes=[8.0, 16.0]), 4, VS)
+    return split(df, 0.2, seed=0)
+
+
+def quick(**kw):
+    base = dict(lr=1e-3, warmup_steps=2, batch_size=4, eval_every=4, save_every=4, max_steps=12)
+    return preset("original", **{**base, **kw})
+
+
+def fresh():
+    return models.load("tiny-random", device="cpu")
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def test_loop_writes_log_checkpoints_best_and_final(tmp_path, data):
+    result = train(fresh(), *data, {"random": VS}, quick(), tmp_path / "run")
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert {"loss", "accuracy", "lr", "examples_per_s", "grad_norm"} <= set(log[0])
+    assert sum("val_accuracy" in r for r in log) == 3
+    assert log[1]["lr"] == pytest.approx(1e-3) and log[-1]["lr"] == 0.0  # warm-up then decay
+    assert latest_checkpoint(tmp_path / "run").name == "step-000012"
+    assert (tmp_path / "run" / "best" / "adapter_model.safetensors").exists()
+    assert result.steps == 12 and 0 <= result.best_val_accuracy <= 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_step"] in (4, 8, 12)
+
+
+def test_training_learns_on_tiny_random(tmp_path, data):
+    before = fresh()
+    from introspect.detection import build_prompt
+    from introspect.examples import to_detection_examples
+    from introspect.train import label_targets, validate
+
+    val = data[1]
+    prompts = [
+        build_prompt(before.tokenizer, e) for e in to_detection_examples(val, {"random": VS}, 4, 64)
+    ]
+    acc0, loss0 = validate(
+        before.model, prompts, val.label.tolist(), before.tokenizer.pad_token_id, 8
+    )
+    result = train(
+        fresh(), *data, {"random": VS}, quick(max_steps=40, eval_every=40), tmp_path / "run"
+    )
+    assert result.final_val_loss < loss0  # the loss on held-out rows goes down
+    assert label_targets([True, False]).tolist() == [0, 1]
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    a = [micro_batch(50, 8, seed=3, micro_step=s).tolist() for s in range(12)]
+    assert a == [micro_batch(50, 8, seed=3, micro_step=s).tolist() for s in range(12)]
+    epoch0 = sum(a[:6], [])
+    assert len(set(epoch0)) == 48  # no example twice within an epoch
+    assert a[6] != a[0]  # a new permutation each epoch
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, data):
+    train(fresh(), *data, {"random": VS}, quick(), tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(step, _model):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(fresh(), *data, {"random": VS}, quick(), tmp_path / "killed", on_step=kill_at_6)
+    assert latest_checkpoint(tmp_path / "killed").name == "step-000004"
+    train(fresh(), *data, {"random": VS}, quick(), tmp_path / "killed", resume=True)
+
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 13)), "no step logged twice after the resume"
+
+
+def test_rerun_without_resume_refuses_to_overwrite(tmp_path, data):
+    train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
+    with pytest.raises(IntrospectError, match="--resume"):
+        train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    def poison(step, model):
+        if step == 5:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    cfg = quick(save_every=2)
+    with pytest.raises(TrainingDiverged, match=r"step 6: non-finite loss.*step-000004"):
+        train(fresh(), *data, {"random": VS}, cfg, tmp_path / "run", on_step=poison)
+    good = latest_checkpoint(tmp_path / "run")
+    assert good.name == "step-000004"
+    weights = load_file(str(good / "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_full_finetuning_trains_every_parameter(tmp_path, data):
+    lm = fresh()
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    train(lm, *data, {"random": VS}, quick(method="full", max_steps=3, lr=1e-4), tmp_path / "run")
+    changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {
+        "original",
+        "vague-prompt",
+        "r1-minimal",
+        "food-control",
+        "flipped-labels",
+    }
+    assert (preset("original").lora_r, preset("original").lora_alpha) == (16, 32)
+    assert (preset("r1-minimal").lora_r, preset("r1-minimal").lora_alpha) == (1, 2)
+    assert preset("food-control").data_variant == "food-control"
+    assert preset("original", lora_r=4).lora_r == 4
+    with pytest.raises(IntrospectError, match="preset"):
+        preset("nope")
+    with pytest.raises(IntrospectError, match="lora_rank: not a training option"):
+        preset("original", lora_rank=4)
+    with pytest.raises(IntrospectError, match="method"):
+        preset("original", method="qlora")
