@@ -237,29 +237,36 @@ def score_detection(
     """Score trials in batches; results come back in the input order.
 
     Trials are grouped by length so batches carry little padding; padding does not change any
-    row's answer, so the grouping only changes speed.
+    row's answer, so the grouping only changes speed. Unsteered trials with the same tokens
+    have the same answer, so each distinct one is scored once and its result shared.
     """
     if batch_size < 1:
         raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
     prompts = [build_prompt(tokenizer, ex, info_prompt) for ex in examples]
-    order = sorted(
-        range(len(prompts)), key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids)
-    )
+    first: dict[tuple, int] = {}
+    source = list(range(len(prompts)))  # the trial whose score each trial takes
+    for i, p in enumerate(prompts):
+        if p.steering is None:
+            key = (tuple(p.prefix_ids), tuple(p.suffix_ids), p.answer_ids)
+            source[i] = first.setdefault(key, i)
+    todo = sorted({*source}, key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids))
     p_yes = [0.0] * len(prompts)
     mass = [0.0] * len(prompts)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    starts = range(0, len(order), batch_size)
+    starts = range(0, len(todo), batch_size)
     if progress:
         from rich.progress import track
 
         starts = track(starts, description="scoring", total=len(starts), transient=True)
     for start in starts:
-        idx = order[start : start + batch_size]
+        idx = todo[start : start + batch_size]
         batch = collate([prompts[i] for i in idx], pad_id).to(device)
         with torch.no_grad():
             logits = detection_logits(model, batch)
         py, m = answer_probabilities(logits, batch.answer_ids)
         for j, i in enumerate(idx):
             p_yes[i], mass[i] = float(py[j]), float(m[j])
+    for i, s in enumerate(source):
+        p_yes[i], mass[i] = p_yes[s], mass[s]
     return DetectionScores(p_yes=p_yes, yes_no_mass=mass)

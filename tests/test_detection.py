@@ -340,3 +340,18 @@ def test_mass_is_a_probability(tiny):
     scores = score_detection(tiny.model, tiny.tokenizer, mixed_rows(tiny.n_layers, tiny.d_model))
     assert all(0 < p < 1 for p in scores.p_yes)
     assert all(0 < m <= 1 and math.isfinite(m) for m in scores.yes_no_mass)
+
+
+def test_identical_unsteered_trials_share_one_score_and_steered_ones_do_not(tiny):
+    import dataclasses
+
+    v = torch.zeros(tiny.d_model)
+    v[0] = 1.0
+    base = DetectionExample("Same context.", "Same reply.", "Same question? Answer yes or no.")
+    steered = dataclasses.replace(base, steering=Steering(v, 0, 2, 30.0))
+    other = DetectionExample("A different context here.", "Reply.", "Question? Answer yes or no.")
+    rows = [base, steered, other, base, steered]
+    got = score_detection(tiny.model, tiny.tokenizer, rows, batch_size=2)
+    alone = [score_detection(tiny.model, tiny.tokenizer, [r], batch_size=1).p_yes[0] for r in rows]
+    assert got.p_yes == pytest.approx(alone, abs=1e-4)
+    assert got.p_yes[0] == got.p_yes[3] and got.p_yes[1] != got.p_yes[0]
