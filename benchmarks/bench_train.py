@@ -27,7 +27,9 @@ from introspect.train import preset, train
 from introspect.vectors import VectorSet, random_vectors
 
 
-def run_once(model: str, dtype: str, data, vs, batch_size: int, grad_accum: int, steps: int) -> float:
+def run_once(
+    model: str, dtype: str, data, vs, batch_size: int, grad_accum: int, steps: int
+) -> float:
     lm = models.load(model, dtype=dtype)
     config = preset(
         "original",
@@ -46,7 +48,9 @@ def run_once(model: str, dtype: str, data, vs, batch_size: int, grad_accum: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps of 8 examples")
@@ -84,7 +88,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("examples_per_s", "speedup_batched_vs_per_example")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("examples_per_s", "speedup_batched_vs_per_example")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Collect the B1 metrics and training summaries of benchmarks/detection_runs.sh into one JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_root", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    root = args.run_root
+    result: dict = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "models": {}}
+    for eval_dir in sorted((root / "eval").glob("*/metrics.json")):
+        name = eval_dir.parent.name
+        metrics = json.loads(eval_dir.read_text())
+        entry = {
+            "tiers": {
+                tier: {
+                    k: m[k]
+                    for k in (
+                        "accuracy",
+                        "tpr",
+                        "fpr",
+                        "d_prime",
+                        "auroc",
+                        "n_steered",
+                        "n_unsteered",
+                        "ci",
+                        "mean_p_yes_steered",
+                        "mean_p_yes_unsteered",
+                    )
+                }
+                for tier, m in metrics["tiers"].items()
+            }
+        }
+        if "food" in metrics:
+            entry["food_task"] = {
+                k: metrics["food"][k] for k in ("accuracy", "n_steered", "n_unsteered", "ci")
+            }
+        train = root / "train" / name
+        if (train / "metrics.json").exists():
+            entry["training"] = json.loads((train / "metrics.json").read_text())
+            entry["training"]["config"] = json.loads((train / "config.json").read_text())
+            log = [json.loads(x) for x in (train / "log.jsonl").read_text().splitlines()]
+            entry["training"]["val_curve"] = [
+                (r["step"], r["val_accuracy"]) for r in log if "val_accuracy" in r
+            ]
+            entry["training"]["median_examples_per_s"] = sorted(r["examples_per_s"] for r in log)[
+                len(log) // 2
+            ]
+        result["models"][name] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} ({len(result['models'])} models)")
+
+
+if __name__ == "__main__":
+    main()
