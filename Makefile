@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# Tests and the demo never touch a model hub: make any attempt fail loudly instead.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
 .PHONY: install demo test lint bench clean
 
 install: $(STAMP)
@@ -20,17 +23,19 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/introspect vectors random --model smollm2-135m --n 200 --n-train 100 --seed 42 --out runs/demo/vectors/random.safetensors
-	$(VENV)/bin/introspect baseline --model smollm2-135m --vectors runs/demo/vectors/random.safetensors --n-vectors 20 --out runs/demo/baseline
+	$(OFFLINE) $(VENV)/bin/introspect vectors random --model smollm2-135m --n 200 --n-train 100 --seed 42 --out runs/demo/vectors/random.safetensors
+	$(OFFLINE) $(VENV)/bin/introspect baseline --model smollm2-135m --vectors runs/demo/vectors/random.safetensors --n-vectors 20 --out runs/demo/baseline
 
 test: install
-	$(VENV)/bin/pytest -q -rs
+	$(OFFLINE) $(VENV)/bin/pytest -q -rs --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) benchmarks/bench_scoring.py --out benchmarks/results/scoring_cpu.json
+	$(OFFLINE) $(PY) benchmarks/bench_scoring.py --out benchmarks/results/scoring_cpu.json
+	$(OFFLINE) $(PY) benchmarks/bench_scoring.py --dtype bfloat16 --out benchmarks/results/scoring_cpu_bf16.json
+	$(OFFLINE) $(PY) benchmarks/bench_train.py --out benchmarks/results/train_cpu.json
 
 clean:
 	rm -rf $(VENV) runs
