@@ -49,8 +49,12 @@ def main() -> None:
     lm = models.load(args.model, dtype=args.dtype)
     vs = VectorSet(random_vectors(lm.d_model, 20, 0), args.model, "random", 20, name="bench")
     # Every row steered, so the overhead comparison steers all of them.
-    config = DataConfig(n=args.n, steered_fraction=1.0, magnitudes=[10.0], seed=0)
+    config = DataConfig(n=4 * args.n, steered_fraction=1.0, magnitudes=[10.0], seed=0)
     df = make_examples(config, lm.n_layers, vs)
+    # Distinct texts only: scoring shares the result of identical unsteered trials, which would
+    # let the unsteered side do less work than the steered one.
+    texts = ["context_prompt", "assistant_response", "detection_question"]
+    df = df.drop_duplicates(texts).head(args.n).reset_index(drop=True)
     steered = to_detection_examples(df, {vs.name: vs}, lm.n_layers, lm.d_model)
     plain = [replace(e, steering=None) for e in steered]
     tokens = sum(
