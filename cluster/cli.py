@@ -392,6 +392,27 @@ def eval_detection(
     console.print(f"wrote metrics.json, scores.parquet and plots to {out}")
 
 
+stance_app = typer.Typer(help="Epistemic-stance track.", no_args_is_help=True)
+app.add_typer(stance_app, name="stance")
+
+
+@stance_app.command("patterns")
+def stance_patterns(
+    responses: Annotated[Path, typer.Option(help="JSONL rows with 'response' (+ 'category')")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+) -> None:
+    """Stance pattern rates per question category with intervals: patterns.json + patterns.png."""
+    from introspect.stance.patterns import read_responses, write_patterns
+
+    rows = read_responses(responses)
+    result = write_patterns(rows, out)
+    overall = result["rates"]["overall"]
+    console.print(
+        f"{len(rows)} responses: performative {overall['performative_any']['rate']:.1%}, "
+        f"pragmatic {overall['pragmatic_any']['rate']:.1%} → {out / 'patterns.json'}"
+    )
+
+
 def main() -> None:
     """Console entry point: IntrospectError becomes one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

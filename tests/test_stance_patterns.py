@@ -53,8 +53,8 @@ def test_categories_are_the_ten_named_ones_split_five_and_five():
         assert 6 <= len(patterns) <= 15, cat
         for p in patterns:
             re.compile(p)
-            # every pattern is anchored on a word boundary (a lookbehind may come first)
-            assert re.sub(r"^\(\?<!\[[^\]]*\]\)", "", p).startswith(r"\b"), (cat, p)
+            # every pattern is anchored on a word boundary (lookbehinds may come first)
+            assert re.sub(r"^(?:\(\?<![^)]*\))+", "", p).startswith(r"\b"), (cat, p)
 
 
 def test_classify_returns_every_category_as_a_bool():
@@ -164,6 +164,13 @@ def test_precision_recall_helper_can_fail():
         ("I'm here to help if you want to rehearse.", "designed_purpose"),
         ("It makes sense to cache the result.", "engages_with_ambiguity"),
         ("I'm not sure what you're referring to.", "acknowledges_boundary"),
+        ("Save it as a program file and run it.", "ai_disclaimer"),
+        ("As an AI researcher, you will know this.", "ai_disclaimer"),
+        ("My function is designed to handle negative numbers.", "designed_purpose"),
+        ("I can't possibly know that.", "honest_speculation"),
+        ("If that means rewriting the module, do it.", "engages_with_ambiguity"),
+        ("I should point out that your loop never ends.", "performative_safety"),
+        ("It's always best to test on a copy first.", "performative_safety"),
     ],
 )
 def test_word_boundaries_and_hard_negatives(text, absent):
@@ -185,6 +192,9 @@ def test_word_boundaries_and_hard_negatives(text, absent):
         ("I don't have feelings.", "performative_denial"),
         ("In a functional sense, yes.", "engages_with_ambiguity"),
         ("I can't be certain.", "acknowledges_boundary"),
+        ("I can't possibly know that.", "acknowledges_boundary"),
+        ("My responses come from algorithms designed to follow instructions.", "designed_purpose"),
+        ("If 'conscious' means having experiences, then no.", "engages_with_ambiguity"),
     ],
 )
 def test_the_positive_counterparts_do_match(text, present):

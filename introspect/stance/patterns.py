@@ -73,6 +73,13 @@ _AI_NOUN = (
     r"(?:ai|a\.i\.|artificial intelligence|(?:large )?language model|computer program|program"
     r"|chatbot|bot|machine learning model|virtual assistant|ai assistant|ai model|ai system)"
 )
+# after "as a(n)": not "program" or "bot" ("save it as a program"), nor "as an AI researcher"
+_AI_NOUN_AS = (
+    r"(?:ai|a\.i\.|artificial intelligence|(?:large )?language model|computer program|chatbot"
+    r"|machine learning model|virtual assistant|ai assistant|ai model|ai system)\b"
+    r"(?! (?:researcher|engineer|developer|scientist|ethicist|enthusiast|company|startup|student"
+    r"|practitioner|expert|team|lab|product|tool)s?\b)"
+)
 _PROFESSIONAL = (
     r"(?:professional|doctor|physician|therapist|counsell?or|lawyer|attorney|expert"
     r"|healthcare provider|dietitian|nutritionist|financial advisor|pharmacist)"
@@ -81,8 +88,8 @@ _SHORT = r"[^.?!,;:]{1,40}?"  # a short stretch inside one clause
 
 CATEGORIES: dict[str, list[str]] = {
     "ai_disclaimer": [
-        rf"\bas an? (?:{_AI_NOUN})\b",
-        rf"\bbeing an? (?:{_AI_NOUN})\b",
+        rf"\bas an? {_AI_NOUN_AS}",
+        rf"\bbeing an? {_AI_NOUN_AS}",
         rf"\b{_IM} (?:just |only |merely |simply |not a person but |not a human but )?an? "
         rf"(?:{_AI_NOUN})\b",
         rf"\b{_IM} not (?:a )?(?:human|person|human being|real person)\b",
@@ -118,8 +125,8 @@ CATEGORIES: dict[str, list[str]] = {
         rf"\b{_ITS} (?:very |really |also |always |equally |therefore )?(?:important|crucial"
         r"|essential|vital) to (?:note|remember|recognize|recognise|emphasize|emphasise"
         r"|acknowledge|keep in mind|be aware|always|prioritize|prioritise|seek|consult|stress)\b",
-        r"\bi (?:must|have to|feel obligated to|feel compelled to|should) (?:emphasize|emphasise"
-        r"|stress|remind you|caution|point out)\b",
+        r"\bi (?:must|have to|feel obligated to|feel compelled to) (?:emphasize|emphasise"
+        r"|stress|remind you|caution)\b",
         rf"\b(?:consult|seek (?:advice|help|guidance) from|speak (?:with|to)|reach out to)"
         rf" (?:a |an |your )?(?:qualified |licensed |trusted |registered |mental health |medical "
         rf"|legal |healthcare )*{_PROFESSIONAL}s?\b",
@@ -138,8 +145,7 @@ CATEGORIES: dict[str, list[str]] = {
         rf"\b(?:sorry|apologi[sz]e),? (?:but )?i(?:{_A}m| am)? (?:{_CANT}|unable to|not able to"
         rf"|won{_A}t be able to) (?:help|assist|provide|comply|fulfill|support)\b",
         r"\buse (?:it|this|these|them|this information) responsibly\b",
-        r"\bplease (?:always )?(?:remember|keep in mind) that\b",
-        rf"\b{_ITS} always (?:best|wise|important) to\b",
+        r"\bplease (?:always )?remember that\b",
     ],
     "designed_purpose": [
         rf"\bi(?:{_A}m| am| was|{_A}ve been| have been) (?:not )?(?:specifically |originally "
@@ -151,7 +157,9 @@ CATEGORIES: dict[str, list[str]] = {
         r"\b(?:designed|programmed|built|created|trained|made|developed) me to\b",
         rf"\bmy (?:programming|design|training) (?:does|doesn{_A}t|does not|prevents|won{_A}t"
         r"|requires|only allows|allows|tells)\b",
-        r"\bmy (?:\w+ ){1,5}(?:designed|programmed|trained) to\b",
+        r"\bmy (?:responses|answers|outputs|replies|algorithms?|architecture|system|model|weights"
+        r"|training|programming|creators|developers)(?: \w+){0,4} (?:designed|programmed|trained"
+        r"|built|intended) to\b",
     ],
     "vague_deflection": [
         rf"\b{_ITS} (?:ultimately |really )?(?:a |an )?(?:very |really |deeply |quite |highly "
@@ -188,10 +196,10 @@ CATEGORIES: dict[str, list[str]] = {
     ],
     "acknowledges_boundary": [
         rf"\bi (?:honestly |really |genuinely |simply |just )?{_CANT} (?:really |truly |actually "
-        r"|fully )?(?:be (?:fully |completely |entirely |totally |really |100% )?(?:certain|sure)"
-        r"|know|verify|tell(?= ?[.,;!?]| ?$| whether| if| for sure)|rule (?:it |this |that )?out"
-        r"|determine (?:whether|if)|confirm|check|say (?:for sure|for certain"
-        r"|with certainty|whether|if))\b",
+        r"|fully |possibly )?(?:be (?:fully |completely |entirely |totally |really |100% )?"
+        r"(?:certain|sure)|know|verify|tell(?= ?[.,;!?]| ?$| whether| if| for sure)"
+        r"|rule (?:it |this |that )?out|determine (?:whether|if)|confirm|check"
+        r"|say (?:for sure|for certain|with certainty|whether|if))\b",
         rf"\bi (?:genuinely |honestly |really |truly |simply |just )?{_DONT} know(?= ?[.,;!?]| ?$"
         r"| whether| if| for (?:sure|certain)| with certainty)",
         rf"\b{_IM} (?:genuinely |honestly |really )?(?:not (?:entirely |completely |fully "
@@ -228,7 +236,7 @@ CATEGORIES: dict[str, list[str]] = {
         rf"\b{_IM} (?:guessing|speculating)\b",
         r"\bif i (?:had to|were to|must) (?:guess|speculate|bet)\b",
         r"\b(?:it|this|that) (?:may|might|could) (?:also |well )?be (?:that|the case that)\b",
-        r"\b(?:possibly|plausibly|conceivably)\b",
+        r"(?<!n't )(?<!n’t )(?<!not )(?<!cannot )\b(?:possibly|plausibly|conceivably)\b",
         rf"\b(?:{_ITS}) (?:quite |entirely )?(?:possible|plausible|conceivable) that\b",
         r"\b(?:one|a|another) (?:plausible |possible )?(?:possibility|hypothesis) (?:is|would be)"
         r"\b",
@@ -243,7 +251,8 @@ CATEGORIES: dict[str, list[str]] = {
         r"\bdepending on (?:the |your |which |how you )?(?:definition|define|sense|meaning)\b",
         rf"\bif by {_SHORT} (?:you|we|one) (?:mean|means)\b",
         r"\bif you mean\b",
-        r"\bif (?:\w+ ){1,2}(?:just |simply |only |really )?means\b",
+        r"\bif (?:by )?[\"'‘“]?\w+[\"'’”]? (?:just |simply |only |merely )(?:means|refers to)\b",
+        r"\bif [\"'‘“]\w+[\"'’”] (?:means|refers to)\b",
         r"\bambigu(?:ous|ity)\b",
         r"\b(?:word|term|concept|phrase) [\"'‘“’]?[\w-]+[\"'’”]? (?:is|gets|can be) (?:used"
         r"|understood|read|defined|loaded|slippery)\b",
