@@ -110,7 +110,7 @@ def write_baseline(
 ) -> dict:
     """Write scores.parquet, table.csv, table.md, baseline.json and heatmap.png into ``out``."""
     from introspect.examples import write_examples
-    from introspect.plots import heatmap
+    from introspect.plots import range_magnitude_heatmap
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,14 +122,13 @@ def write_baseline(
     tmp = out / ".baseline.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "baseline.json")
-    pivot = table.pivot_table(index="layers", columns="magnitude", values="delta", sort=False)
-    heatmap(
-        pivot,
+    range_magnitude_heatmap(
+        table,
+        "delta",
         out / "heatmap.png",
         title=f"Baseline: mean p_yes(steered) - p_yes(unsteered)\n{config.get('model', '')}",
-        xlabel="magnitude",
-        ylabel="layer range",
         center=0.0,
+        fmt="{:+.2f}",
     )
     return summary
 

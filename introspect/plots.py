@@ -90,3 +90,49 @@ def p_yes_histograms(scores: pd.DataFrame, path: str | os.PathLike, title: str =
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def range_magnitude_heatmap(
+    cells: pd.DataFrame,
+    value: str,
+    path: str | os.PathLike,
+    title: str,
+    center: float | None = None,
+    fmt: str = "{:.2f}",
+) -> None:
+    """Layer range × magnitude heatmap of ``cells[value]``.
+
+    Columns are magnitude levels within each range (1 = weakest), because with magnitudes
+    relative to the residual norm each range has its own values; each cell shows its value and
+    the magnitude it stands for. ``cells`` needs ``layers``, ``layer_start`` and ``magnitude``.
+    """
+    cells = cells.sort_values(["layer_start", "magnitude"]).copy()
+    cells["level"] = cells.groupby("layers")["magnitude"].rank(method="dense").astype(int)
+    rows = list(dict.fromkeys(cells["layers"]))
+    pivot = cells.pivot_table(index="layers", columns="level", values=value, sort=False).loc[rows]
+    mags = cells.pivot_table(index="layers", columns="level", values="magnitude", sort=False).loc[
+        rows
+    ]
+    values = pivot.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.5 * values.shape[1] + 2.8, 0.85 * values.shape[0] + 1.8))
+    if center is not None:
+        span = np.nanmax(np.abs(values - center)) or 1.0
+        im = ax.imshow(values, cmap="RdBu_r", vmin=center - span, vmax=center + span)
+    else:
+        im = ax.imshow(values, cmap="viridis")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                r, g, b, _ = im.cmap(im.norm(values[i, j]))
+                ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+                text = f"{fmt.format(values[i, j])}\n(m={mags.iloc[i, j]:.3g})"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=ink)
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in pivot.columns])
+    ax.set_yticks(range(values.shape[0]), rows)
+    ax.set_xlabel("magnitude level within the range (1 = weakest)")
+    ax.set_ylabel("layer range")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -238,19 +238,12 @@ def write_detection_eval(
         detection, out / "p_yes_hist.png", title=f"p_yes steered vs unsteered {title}"
     )
     for tier, m in metrics["tiers"].items():
-        cells = pd.DataFrame(m["cells"])
-        pivot = cells.pivot_table(
-            index="layers", columns="magnitude", values="accuracy", sort=False
-        )
-        order = [r for r in layer_ranges(n_layers) if r in pivot.index]
-        plots.heatmap(
-            pivot.loc[order] if order else pivot,
+        plots.range_magnitude_heatmap(
+            pd.DataFrame(m["cells"]),
+            "accuracy",
             out / f"heatmap_{tier}.png",
             title=f"{tier}: accuracy by layer range × magnitude {title}",
-            xlabel="magnitude",
-            ylabel="layer range",
             center=0.5,
-            fmt="{:.2f}",
         )
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
