@@ -37,4 +37,5 @@ for p in "${PRESETS[@]}"; do
   [ -f "$OUT/eval/$p/metrics.json" ] || \
     $I eval detection --model $M --adapter "$OUT/train/$p" "${EVAL_OPTS[@]}" "${food[@]}" --out "$OUT/eval/$p"
 done
-.venv/bin/python benchmarks/summarize_detection.py "$OUT" --out benchmarks/results/detection_cpu.json
+.venv/bin/python benchmarks/summarize_detection.py "$OUT" --out benchmarks/results/detection_cpu.json \
+  --markdown benchmarks/results/detection_cpu.md

@@ -11,6 +11,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_root", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--markdown", type=Path, help="also write the README's comparison table")
     args = parser.parse_args()
     root = args.run_root
     result: dict = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "models": {}}
@@ -56,6 +57,38 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} ({len(result['models'])} models)")
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+
+
+ORDER = ["base", "original", "r1-minimal", "vague-prompt", "food-control", "flipped-labels"]
+
+
+def markdown(result: dict) -> str:
+    """One row per model × tier; for the food task 'steered/unsteered' means food/other."""
+    lines = [
+        "| model | tier | accuracy [95 % CI] | TPR | FPR | d′ | AUROC | n steered / unsteered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = sorted(result["models"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    for name in names:
+        entry = result["models"][name]
+        tiers = list(entry["tiers"].items())
+        for tier, t in tiers:
+            lo, hi = t["ci"]["accuracy"]
+            lines.append(
+                f"| {name} | {tier} | {t['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {t['tpr']:.3f} | "
+                f"{t['fpr']:.3f} | {t['d_prime']:.2f} | {t['auroc']:.3f} | "
+                f"{t['n_steered']} / {t['n_unsteered']} |"
+            )
+        if "food_task" in entry:
+            f = entry["food_task"]
+            lo, hi = f["ci"]["accuracy"]
+            lines.append(
+                f"| {name} | food task | {f['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | | | | | "
+                f"{f['n_steered']} food / {f['n_unsteered']} other |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
