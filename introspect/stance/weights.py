@@ -162,6 +162,10 @@ def delta_stats(delta: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
       round-off and left out, as ``torch.linalg.matrix_rank`` does; ``numerical_rank`` counts
       those kept.
     A zero ΔW gives zeros throughout.
+
+    Caveat: a ΔW taken between low-precision checkpoints (bf16) carries their rounding noise,
+    about 2⁻⁸·|W| per entry, which is full-rank: ``numerical_rank`` and ``effective_rank`` then
+    count it, while ``stable_rank`` (dominated by the large σ) hardly moves.
     """
     if delta.ndim != 2 or delta.shape != weight.shape:
         raise IntrospectError(
