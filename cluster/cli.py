@@ -324,7 +324,7 @@ def eval_detection(
     from rich.table import Table
 
     from introspect import models
-    from introspect.activations import residual_norms
+    from introspect.activations import base_residual_norms
     from introspect.data import default_prompts
     from introspect.evals.detection import (
         detection_trials,
@@ -343,7 +343,9 @@ def eval_detection(
     random_vs = load_vectors(vectors, lm.d_model)
     concept_vs = load_vectors(concepts, lm.d_model) if concepts else None
     texts = default_prompts()
-    norms = residual_norms(lm, texts["context_prompts"]) if magnitude_mode == "relative" else None
+    norms = (
+        base_residual_norms(lm, texts["context_prompts"]) if magnitude_mode == "relative" else None
+    )
     trials = detection_trials(
         lm.n_layers,
         random_vs,

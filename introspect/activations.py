@@ -85,3 +85,19 @@ def residual_norms(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16
         total = s if total is None else total + s
         count += float(m.sum())
     return (total / count).cpu().tolist()
+
+
+def base_residual_norms(
+    lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16
+) -> list[float]:
+    """Residual norms of the base model, with any PEFT adapter switched off while measuring.
+
+    Relative magnitudes must not depend on the adapter under evaluation, or two models would be
+    compared on slightly different trials. (A fully fine-tuned model has no base inside it: its
+    own norms are used.)
+    """
+    disable = getattr(lm.model, "disable_adapter", None)
+    if callable(disable):
+        with disable():
+            return residual_norms(lm, prompts, batch_size)
+    return residual_norms(lm, prompts, batch_size)

@@ -20,8 +20,12 @@ def heatmap(
     ylabel: str,
     center: float | None = None,
     fmt: str = "{:+.2f}",
+    labels: pd.DataFrame | None = None,
 ) -> None:
-    """A labelled heatmap of a pivot table, each cell annotated with its value."""
+    """A labelled heatmap of a pivot table, each cell annotated with its value.
+
+    ``labels`` (same shape as ``pivot``) replaces the cell text; otherwise ``fmt`` of the value.
+    """
     values = pivot.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(1.4 * values.shape[1] + 2.5, 0.8 * values.shape[0] + 1.8))
     if center is not None:
@@ -39,9 +43,8 @@ def heatmap(
             if np.isfinite(values[i, j]):
                 r, g, b, _ = im.cmap(im.norm(values[i, j]))
                 ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(
-                    j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=9, color=ink
-                )
+                text = fmt.format(values[i, j]) if labels is None else labels.iloc[i, j]
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=ink)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -108,31 +111,19 @@ def range_magnitude_heatmap(
     """
     cells = cells.sort_values(["layer_start", "magnitude"]).copy()
     cells["level"] = cells.groupby("layers")["magnitude"].rank(method="dense").astype(int)
+    cells["text"] = [
+        f"{fmt.format(v)}\n(m={m:.3g})"
+        for v, m in zip(cells[value], cells["magnitude"], strict=True)
+    ]
     rows = list(dict.fromkeys(cells["layers"]))
     pivot = cells.pivot_table(index="layers", columns="level", values=value, sort=False).loc[rows]
-    mags = cells.pivot_table(index="layers", columns="level", values="magnitude", sort=False).loc[
-        rows
-    ]
-    values = pivot.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.5 * values.shape[1] + 2.8, 0.85 * values.shape[0] + 1.8))
-    if center is not None:
-        span = np.nanmax(np.abs(values - center)) or 1.0
-        im = ax.imshow(values, cmap="RdBu_r", vmin=center - span, vmax=center + span)
-    else:
-        im = ax.imshow(values, cmap="viridis")
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                r, g, b, _ = im.cmap(im.norm(values[i, j]))
-                ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                text = f"{fmt.format(values[i, j])}\n(m={mags.iloc[i, j]:.3g})"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=ink)
-    ax.set_xticks(range(values.shape[1]), [str(c) for c in pivot.columns])
-    ax.set_yticks(range(values.shape[0]), rows)
-    ax.set_xlabel("magnitude level within the range (1 = weakest)")
-    ax.set_ylabel("layer range")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = cells.pivot(index="layers", columns="level", values="text").loc[rows, pivot.columns]
+    heatmap(
+        pivot,
+        path,
+        title=title,
+        xlabel="magnitude level within the range (1 = weakest)",
+        ylabel="layer range",
+        center=center,
+        labels=labels.fillna(""),
+    )

@@ -47,3 +47,24 @@ def test_metrics_file_shape_and_values(tiny, tmp_path):
         assert sum(c["n"] for c in t["cells"]) == 16
     for name in ("roc.png", "p_yes_hist.png", "heatmap_held_out.png", "scores.parquet"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_relative_magnitudes_ignore_the_adapter_under_evaluation():
+    import peft
+    import torch
+
+    from introspect import models
+    from introspect.activations import base_residual_norms, residual_norms
+
+    lm = models.load("tiny-random", device="cpu")
+    prompts = ["Hello there.", "What is the capital of France?"]
+    plain = residual_norms(lm, prompts)
+    lm.model = peft.get_peft_model(
+        lm.model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    assert residual_norms(lm, prompts) != plain  # the adapter does change the norms
+    assert base_residual_norms(lm, prompts) == plain
