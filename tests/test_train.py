@@ -155,3 +155,12 @@ def test_presets_and_overrides():
         preset("original", lora_rank=4)
     with pytest.raises(IntrospectError, match="method"):
         preset("original", method="qlora")
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data):
+    train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    (ckpt / "trainable.safetensors").write_bytes(b"garbage")
+    (tmp_path / "run" / "final").rename(tmp_path / "run" / "old-final")
+    with pytest.raises(IntrospectError, match=r"checkpoint: .*step-000004 cannot be read"):
+        train(fresh(), *data, {"random": VS}, quick(max_steps=8), tmp_path / "run", resume=True)

@@ -1,0 +1,94 @@
+"""Training checkpoints: trainable weights + optimizer, scheduler, RNG and position.
+
+A checkpoint directory is complete only once its ``COMPLETE`` marker is inside it; it is written
+under a temporary name and renamed, so a run killed mid-save leaves the previous one in charge.
+Weights are safetensors; the optimizer/scheduler/RNG state is read back with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from introspect.errors import IntrospectError
+
+COMPLETE = "COMPLETE"
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Trainable weights (safetensors) + optimizer/scheduler/RNG/position, written atomically."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = run_dir / "checkpoints" / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **state,
+        },
+        tmp / "state.pt",
+    )
+    (tmp / COMPLETE).write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint with its completion marker (a half-written one is ignored)."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+    except Exception as e:  # damaged files raise several types
+        raise IntrospectError(
+            f"checkpoint: {path} cannot be read ({e}); delete it to resume from an earlier one"
+        ) from None
+    params = trainable(model)
+    if set(weights) != set(params):
+        raise IntrospectError(
+            f"checkpoint: {path} does not match this model/config (different trainable weights)"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def export_model(model, tokenizer, out: Path, meta: dict) -> None:
+    """save_pretrained format (an adapter for LoRA, the whole model for full FT), atomically."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if meta.get("method") == "full":
+        tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
