@@ -17,7 +17,7 @@ import pandas as pd
 
 from introspect.data import DataConfig, absolute_magnitudes, range_name
 from introspect.errors import IntrospectError
-from introspect.examples import COLUMNS
+from introspect.examples import examples_frame
 from introspect.metrics import auroc, detection_metrics
 from introspect.vectors import VectorSet
 
@@ -72,9 +72,7 @@ def baseline_trials(
                             "variant": "baseline",
                         }
                     )
-    df = pd.DataFrame(rows)[list(COLUMNS)]
-    df["vector_idx"] = df["vector_idx"].astype("Int64")
-    return df
+    return examples_frame(rows)
 
 
 def baseline_table(scores: pd.DataFrame, n_layers: int) -> pd.DataFrame:

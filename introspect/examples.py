@@ -71,6 +71,13 @@ def read_examples(path: str | os.PathLike) -> pd.DataFrame:
     return normalise(df, str(path))
 
 
+def examples_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows built in code → an examples table in the file's column order and dtypes."""
+    df = pd.DataFrame(rows)[list(COLUMNS)]
+    df["vector_idx"] = df["vector_idx"].astype("Int64")
+    return df
+
+
 def normalise(df: pd.DataFrame, source: str = "examples") -> pd.DataFrame:
     """Check columns and types, fill the optional columns, and return a clean copy."""
     if df.empty:

@@ -28,7 +28,7 @@ from introspect.data import (
     range_name,
 )
 from introspect.errors import IntrospectError
-from introspect.examples import COLUMNS, score_examples, write_examples
+from introspect.examples import examples_frame, score_examples, write_examples
 from introspect.metrics import detection_metrics
 from introspect.models import LoadedModel
 from introspect.vectors import VectorSet
@@ -83,8 +83,7 @@ def tier_trials(
                     "variant": f"b1-{tier}",
                 }
             )
-    df = pd.DataFrame(out)[list(COLUMNS)]
-    df["vector_idx"] = df["vector_idx"].astype("Int64")
+    df = examples_frame(out)
     df["tier"] = tier
     return df
 
@@ -112,8 +111,7 @@ def food_trials(n: int, prompts: dict, rng: np.random.Generator) -> pd.DataFrame
                 "variant": "b1-food",
             }
         )
-    df = pd.DataFrame(rows)[list(COLUMNS)]
-    df["vector_idx"] = df["vector_idx"].astype("Int64")
+    df = examples_frame(rows)
     df["tier"] = "food"
     return df
 
