@@ -300,6 +300,24 @@ def resolve_adapter(path: Path) -> Path:
     return path
 
 
+def _load_evaluated(model: str, adapter: Path | None, dtype: str | None):
+    """The base model, plus a run's best/final adapter, an adapter dir, a fully fine-tuned model
+    dir, or a mid-run checkpoint (``RUN/checkpoints/step-N``)."""
+    from introspect import models
+    from introspect.train import load_run_checkpoint
+
+    base, adapter_dir, checkpoint = model, None, None
+    if adapter is not None:
+        adapter_dir = resolve_adapter(adapter)
+        if (adapter_dir / "trainable.safetensors").exists():
+            adapter_dir, checkpoint = None, adapter
+        elif not (adapter_dir / "adapter_config.json").exists():
+            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
+    with console.status(f"loading {model}"):
+        lm = models.load(base, dtype=dtype, adapter=adapter_dir)
+    return load_run_checkpoint(lm, checkpoint) if checkpoint else lm
+
+
 @eval_app.command("detection")
 def eval_detection(
     model: Model,
@@ -323,7 +341,6 @@ def eval_detection(
     """B1: accuracy, TPR, FPR, d′, AUROC with intervals per tier; plots."""
     from rich.table import Table
 
-    from introspect import models
     from introspect.activations import base_residual_norms
     from introspect.data import default_prompts
     from introspect.evals.detection import (
@@ -333,13 +350,7 @@ def eval_detection(
     )
     from introspect.vectors import load_vectors
 
-    base, adapter_dir = model, None
-    if adapter is not None:
-        adapter_dir = resolve_adapter(adapter)
-        if not (adapter_dir / "adapter_config.json").exists():
-            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
-    with console.status(f"loading {model}"):
-        lm = models.load(base, dtype=dtype, adapter=adapter_dir)
+    lm = _load_evaluated(model, adapter, dtype)
     random_vs = load_vectors(vectors, lm.d_model)
     concept_vs = load_vectors(concepts, lm.d_model) if concepts else None
     texts = default_prompts()

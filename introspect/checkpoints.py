@@ -54,10 +54,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_trainable(path: Path, model) -> None:
+    """Copy a checkpoint's trainable weights into ``model`` (same trainable set required)."""
     try:
         weights = load_file(str(path / "trainable.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True)
     except Exception as e:  # damaged files raise several types
         raise IntrospectError(
             f"checkpoint: {path} cannot be read ({e}); delete it to resume from an earlier one"
@@ -70,6 +70,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the saved position and bests."""
+    load_trainable(path, model)
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+    except Exception as e:
+        raise IntrospectError(
+            f"checkpoint: {path} cannot be read ({e}); delete it to resume from an earlier one"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from introspect.checkpoints import (
+    COMPLETE,
     export_model,
     latest_checkpoint,
     load_checkpoint,
+    load_trainable,
     prune_checkpoints,
     save_checkpoint,
     trainable,
@@ -414,3 +416,25 @@ def _progress(enabled: bool, total: int, done: int):
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     )
+
+
+def load_run_checkpoint(lm: LoadedModel, checkpoint: str | os.PathLike) -> LoadedModel:
+    """A mid-run checkpoint (``RUN/checkpoints/step-N``) as a model ready to evaluate.
+
+    The run's ``config.json`` rebuilds the adapter (or unfreezes for full fine-tuning), then the
+    checkpoint's trainable weights are copied in. Modifies ``lm`` in place and returns it.
+    """
+    checkpoint = Path(checkpoint)
+    config_path = checkpoint.parent.parent / "config.json"
+    if not (checkpoint / COMPLETE).exists() or not config_path.exists():
+        raise IntrospectError(
+            f"checkpoint: {checkpoint} is not a complete checkpoint of a run (needs its "
+            f"{COMPLETE} marker and the run's config.json two levels up)"
+        )
+    saved = json.loads(config_path.read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    prepare_model(lm, config)
+    load_trainable(checkpoint, lm.model)
+    lm.model.eval()
+    return lm

@@ -164,3 +164,20 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data):
     (tmp_path / "run" / "final").rename(tmp_path / "run" / "old-final")
     with pytest.raises(IntrospectError, match=r"checkpoint: .*step-000004 cannot be read"):
         train(fresh(), *data, {"random": VS}, quick(max_steps=8), tmp_path / "run", resume=True)
+
+
+def test_a_mid_run_checkpoint_loads_for_evaluation(tmp_path, data):
+    from introspect.detection import score_detection
+    from introspect.examples import to_detection_examples
+    from introspect.train import load_run_checkpoint
+
+    train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
+    rows = to_detection_examples(data[1].head(6), {"random": VS}, 4, 64)
+    from_ckpt = load_run_checkpoint(fresh(), latest_checkpoint(tmp_path / "run"))
+    exported = models.load("tiny-random", device="cpu", adapter=tmp_path / "run" / "final")
+    a = score_detection(from_ckpt.model, from_ckpt.tokenizer, rows).p_yes
+    b = score_detection(exported.model, exported.tokenizer, rows).p_yes
+    untrained = score_detection(fresh().model, exported.tokenizer, rows).p_yes
+    assert a == pytest.approx(b, abs=1e-6) and a != pytest.approx(untrained, abs=1e-4)
+    with pytest.raises(IntrospectError, match="not a complete checkpoint"):
+        load_run_checkpoint(fresh(), tmp_path / "run" / "final")
