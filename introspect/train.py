@@ -298,6 +298,16 @@ def train(
     elif log_path.exists():
         log_path.unlink()
 
+    def meta(at: int, acc: float, loss: float) -> dict:
+        """What an exported model records about itself (meta.json)."""
+        return {
+            "step": at,
+            "val_accuracy": acc,
+            "val_loss": loss,
+            "method": config.method,
+            "base_model": lm.name,
+        }
+
     model.train()
     bar = _progress(progress, n_steps, step)
     last_good = ckpt
@@ -355,14 +365,7 @@ def train(
                 record.update(val_accuracy=val_acc, val_loss=val_loss)
                 if val_acc > best_acc:
                     best_acc, best_step = val_acc, step
-                    meta = {
-                        "step": step,
-                        "val_accuracy": val_acc,
-                        "val_loss": val_loss,
-                        "method": config.method,
-                        "base_model": lm.name,
-                    }
-                    export_model(model, tok, run_dir / "best", meta)
+                    export_model(model, tok, run_dir / "best", meta(step, val_acc, val_loss))
             _append(log_path, record)
             if step % config.save_every == 0 or step == n_steps:
                 state = {"step": step, "best_acc": best_acc, "best_step": best_step}
@@ -371,14 +374,7 @@ def train(
             if p:
                 p.update(task, completed=step, description=f"training loss {record['loss']:.3f}")
 
-    meta = {
-        "step": step,
-        "val_accuracy": val_acc,
-        "val_loss": val_loss,
-        "method": config.method,
-        "base_model": lm.name,
-    }
-    export_model(model, tok, run_dir / "final", meta)
+    export_model(model, tok, run_dir / "final", meta(step, val_acc, val_loss))
     result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
