@@ -17,7 +17,7 @@ import pandas as pd
 
 from introspect.data import DataConfig, absolute_magnitudes, range_name
 from introspect.errors import IntrospectError
-from introspect.examples import examples_frame
+from introspect.examples import examples_frame, twin_rows
 from introspect.metrics import auroc, detection_metrics
 from introspect.vectors import VectorSet
 
@@ -46,32 +46,16 @@ def baseline_trials(
     for v in range(n_vectors):
         for (start, end), cell_mags in mags.items():
             for magnitude in cell_mags:
-                texts = {
-                    "context_prompt": prompts["context_prompts"][
-                        rng.integers(len(prompts["context_prompts"]))
-                    ],
-                    "assistant_response": prompts["assistant_responses"][
-                        rng.integers(len(prompts["assistant_responses"]))
-                    ],
-                    "detection_question": prompts["detection_questions"][
-                        rng.integers(len(prompts["detection_questions"]))
-                    ],
-                }
-                for steered in (True, False):
-                    rows.append(
-                        {
-                            "steered": steered,
-                            "vector_set": vectors.name,
-                            "vector_idx": v if steered else None,
-                            "layer_start": start,
-                            "layer_end": end,
-                            "magnitude": float(magnitude),
-                            **texts,
-                            "system_prompt": None,
-                            "label": steered,
-                            "variant": "baseline",
-                        }
-                    )
+                context = prompts["context_prompts"][rng.integers(len(prompts["context_prompts"]))]
+                reply = prompts["assistant_responses"][
+                    rng.integers(len(prompts["assistant_responses"]))
+                ]
+                question = prompts["detection_questions"][
+                    rng.integers(len(prompts["detection_questions"]))
+                ]
+                rows += twin_rows(
+                    vectors.name, v, start, end, magnitude, context, reply, question, "baseline"
+                )
     return examples_frame(rows)
 
 

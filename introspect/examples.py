@@ -71,6 +71,38 @@ def read_examples(path: str | os.PathLike) -> pd.DataFrame:
     return normalise(df, str(path))
 
 
+def twin_rows(
+    vector_set: str,
+    vector_idx: int,
+    layer_start: int,
+    layer_end: int,
+    magnitude: float,
+    context_prompt: str,
+    assistant_response: str,
+    detection_question: str,
+    variant: str,
+) -> list[dict]:
+    """A steered trial and its unsteered twin: the same texts, and the twin carries the steered
+    trial's layer range and magnitude as a label of its cell (nothing is applied to it)."""
+    return [
+        {
+            "steered": steered,
+            "vector_set": vector_set,
+            "vector_idx": vector_idx if steered else None,
+            "layer_start": layer_start,
+            "layer_end": layer_end,
+            "magnitude": float(magnitude),
+            "context_prompt": context_prompt,
+            "assistant_response": assistant_response,
+            "detection_question": detection_question,
+            "system_prompt": None,
+            "label": steered,
+            "variant": variant,
+        }
+        for steered in (True, False)
+    ]
+
+
 def examples_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows built in code → an examples table in the file's column order and dtypes."""
     df = pd.DataFrame(rows)[list(COLUMNS)]

@@ -28,7 +28,7 @@ from introspect.data import (
     range_name,
 )
 from introspect.errors import IntrospectError
-from introspect.examples import examples_frame, score_examples, write_examples
+from introspect.examples import examples_frame, score_examples, twin_rows, write_examples
 from introspect.metrics import detection_metrics
 from introspect.models import LoadedModel
 from introspect.vectors import VectorSet
@@ -66,23 +66,9 @@ def tier_trials(
         cell_mags = magnitudes[(start, end)]
         magnitude = float(cell_mags[rng.integers(len(cell_mags))])
         idx = int(rows[rng.integers(len(rows))])
-        for steered in (True, False):
-            out.append(
-                {
-                    "steered": steered,
-                    "vector_set": vs.name,
-                    "vector_idx": idx if steered else None,
-                    "layer_start": start,
-                    "layer_end": end,
-                    "magnitude": magnitude,
-                    "context_prompt": context,
-                    "assistant_response": reply,
-                    "detection_question": question,
-                    "system_prompt": None,
-                    "label": steered,
-                    "variant": f"b1-{tier}",
-                }
-            )
+        out += twin_rows(
+            vs.name, idx, start, end, magnitude, context, reply, question, f"b1-{tier}"
+        )
     df = examples_frame(out)
     df["tier"] = tier
     return df
