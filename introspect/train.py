@@ -46,6 +46,7 @@ from introspect.detection import (
     steered_cache,
     suffix_logits,
 )
+from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.errors import IntrospectError
 from introspect.examples import to_detection_examples
 from introspect.models import LoadedModel, causal_lm
@@ -206,9 +207,14 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 # --------------------------------------------------------------------------- the loop
 
 
-def label_targets(labels: Sequence[bool]) -> torch.Tensor:
-    """Class index in the (positive, negative) answer pair: 0 for a true label, 1 for false."""
-    return torch.tensor([0 if bool(y) else 1 for y in labels], dtype=torch.long)
+def label_targets(labels: Sequence) -> torch.Tensor:
+    """Class indices into each prompt's answer tokens.
+
+    A boolean label picks from the (positive, negative) pair: 0 for true, 1 for false. An
+    integer label is already an index (multi-way answers, e.g. localisation).
+    """
+    out = [(0 if y else 1) if isinstance(y, bool | np.bool_) else int(y) for y in labels]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, pad_id: int):
@@ -226,9 +232,15 @@ def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, 
 
 @torch.no_grad()
 def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[float, float]:
-    """Validation accuracy and mean 2-way cross-entropy."""
+    """Validation accuracy and mean cross-entropy over the answer tokens.
+
+    Under data parallelism each worker takes every ``world``-th prompt and the sums are
+    combined, so every worker returns the same numbers for the whole set.
+    """
     was_training = model.training
     model.eval()
+    rank, size = world()
+    prompts, labels = list(prompts)[rank::size], list(labels)[rank::size]
     targets = label_targets(labels)
     total_loss, correct = 0.0, 0
     for start in range(0, len(prompts), batch_size):
@@ -238,7 +250,8 @@ def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[floa
         total_loss += float(loss) * len(prompts[start : start + batch_size])
         correct += c
     model.train(was_training)
-    return correct / len(prompts), total_loss / len(prompts)
+    total_loss, correct, n = sum_scalars([total_loss, correct, len(prompts)])
+    return correct / n, total_loss / n
 
 
 def train(
@@ -251,39 +264,86 @@ def train(
     resume: bool = False,
     progress: bool = False,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    on_save: Callable[[int, Path | None, dict], None] | None = None,
 ) -> TrainResult:
-    """Train ``lm`` (in place) on the examples; write checkpoints, logs and the best model.
+    """Train ``lm`` (in place) on example rows; write checkpoints, logs and the best model.
 
-    ``on_step(step, model)`` runs after each optimizer step (tests use it to inject a fault).
+    Builds the prompts and hands over to :func:`train_prompts`.
     """
     config.validate()
-    run_dir = Path(run_dir)
-    if not resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
-        raise IntrospectError(
-            f"out: {run_dir} already holds a run; pass --resume or pick another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**asdict(config), "model": lm.name}, indent=2))
-
     from introspect.data import default_prompts
 
     info = default_prompts()["info_prompt"] if config.info_prompt else None
-    tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     to_prompts = lambda df: [  # noqa: E731
-        build_prompt(tok, ex, info)
+        build_prompt(lm.tokenizer, ex, info)
         for ex in to_detection_examples(df, vector_sets, lm.n_layers, lm.d_model)
     ]
-    train_prompts, train_labels = to_prompts(train_df), train_df["label"].tolist()
     val_df = val_df.iloc[: config.val_max_examples]
-    val_prompts, val_labels = to_prompts(val_df), val_df["label"].tolist()
-    if not train_prompts or not val_prompts:
-        raise IntrospectError("data: the training and validation sets must both have rows")
+    return train_prompts(
+        lm,
+        to_prompts(train_df),
+        train_df["label"].tolist(),
+        to_prompts(val_df),
+        val_df["label"].tolist(),
+        config,
+        run_dir,
+        resume=resume,
+        progress=progress,
+        on_step=on_step,
+        on_save=on_save,
+    )
 
+
+def train_prompts(
+    lm: LoadedModel,
+    train_set: Sequence[DetectionPrompt],
+    train_labels: Sequence,
+    val_set: Sequence[DetectionPrompt],
+    val_labels: Sequence,
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = False,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    on_save: Callable[[int, Path | None, dict], None] | None = None,
+) -> TrainResult:
+    """The training loop over tokenised trials; labels are booleans or answer indices.
+
+    ``on_step(step, model)`` runs after each optimizer step (tests use it to inject a fault).
+    ``on_save(step, checkpoint_dir, record)`` runs on every worker after each checkpoint (the
+    directory on rank 0, None elsewhere): Ray Train reports checkpoints from it.
+
+    Under a ``torch.distributed`` process group, each global batch (the same indices as in one
+    process) is split across the workers and gradients are averaged, so the run follows the
+    single-process run; only rank 0 writes files.
+    """
+    config.validate()
+    rank, size = world()
+    if config.batch_size % size:
+        raise IntrospectError(
+            f"batch_size: {config.batch_size} must be a multiple of the {size} workers"
+        )
+    run_dir = Path(run_dir)
+    writer = rank == 0
+    if writer and not resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
+        raise IntrospectError(
+            f"out: {run_dir} already holds a run; pass --resume or pick another --out"
+        )
+    if not train_set or not val_set:
+        raise IntrospectError("data: the training and validation sets must both have rows")
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_json = json.dumps({**asdict(config), "model": lm.name}, indent=2)
+        (run_dir / "config.json").write_text(config_json)
+    val_set, val_labels = list(val_set)[: config.val_max_examples], list(val_labels)
+    val_labels = val_labels[: config.val_max_examples]
+
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model = prepare_model(lm, config)
     params = list(trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    n_steps = total_steps(config, len(train_prompts))
+    n_steps = total_steps(config, len(train_set))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.warmup_steps, n_steps)
     )
@@ -294,8 +354,9 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
-        _truncate_log(log_path, step)
-    elif log_path.exists():
+        if writer:
+            _truncate_log(log_path, step)
+    elif writer and log_path.exists():
         log_path.unlink()
 
     def meta(at: int, acc: float, loss: float) -> dict:
@@ -309,7 +370,7 @@ def train(
         }
 
     model.train()
-    bar = _progress(progress, n_steps, step)
+    bar = _progress(progress and writer, n_steps, step)
     last_good = ckpt
     val_acc, val_loss = float("nan"), float("nan")
     with bar as p:
@@ -320,11 +381,11 @@ def train(
             loss_sum, correct, seen = 0.0, 0, 0
             for a in range(config.grad_accum):
                 idx = micro_batch(
-                    len(train_prompts), config.batch_size, config.seed, step * config.grad_accum + a
-                )
+                    len(train_set), config.batch_size, config.seed, step * config.grad_accum + a
+                )[rank::size]
                 loss, c = step_loss(
                     model,
-                    [train_prompts[i] for i in idx],
+                    [train_set[i] for i in idx],
                     label_targets([train_labels[i] for i in idx]),
                     pad_id,
                 )
@@ -332,6 +393,8 @@ def train(
                 loss_sum += float(loss.detach())
                 correct += c
                 seen += len(idx)
+            average_gradients(params)
+            loss_sum, correct, seen = sum_scalars([loss_sum / size, correct, seen])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 where = (
@@ -351,7 +414,7 @@ def train(
                 on_step(step, model)
             record = {
                 "step": step,
-                "epoch": step * config.grad_accum * config.batch_size / len(train_prompts),
+                "epoch": step * config.grad_accum * config.batch_size / len(train_set),
                 "loss": loss_sum / config.grad_accum,
                 "accuracy": correct / seen,
                 "lr": scheduler.get_last_lr()[0],
@@ -360,24 +423,34 @@ def train(
             }
             if step % config.eval_every == 0 or step == n_steps:
                 val_acc, val_loss = validate(
-                    model, val_prompts, val_labels, pad_id, config.batch_size * 2
+                    model, val_set, val_labels, pad_id, config.batch_size * 2
                 )
                 record.update(val_accuracy=val_acc, val_loss=val_loss)
                 if val_acc > best_acc:
                     best_acc, best_step = val_acc, step
-                    export_model(model, tok, run_dir / "best", meta(step, val_acc, val_loss))
-            _append(log_path, record)
+                    if writer:
+                        export_model(model, tok, run_dir / "best", meta(step, val_acc, val_loss))
+            if writer:
+                _append(log_path, record)
             if step % config.save_every == 0 or step == n_steps:
                 state = {"step": step, "best_acc": best_acc, "best_step": best_step}
-                last_good = save_checkpoint(run_dir, step, model, optimizer, scheduler, state)
-                prune_checkpoints(run_dir, config.keep_checkpoints)
+                saved = None
+                if writer:
+                    saved = save_checkpoint(run_dir, step, model, optimizer, scheduler, state)
+                    prune_checkpoints(run_dir, config.keep_checkpoints)
+                    last_good = saved
+                barrier()
+                if on_save is not None:
+                    on_save(step, saved, record)
             if p:
                 p.update(task, completed=step, description=f"training loss {record['loss']:.3f}")
 
-    export_model(model, tok, run_dir / "final", meta(step, val_acc, val_loss))
     result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if writer:
+        export_model(model, tok, run_dir / "final", meta(step, val_acc, val_loss))
+        summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    barrier()
     return result
 
 
