@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from introspect.detection import DetectionExample, score_detection
+from introspect.detection import (
+    DetectionExample,
+    DetectionPrompt,
+    build_prompt,
+    score_detection,
+)
 from introspect.errors import IntrospectError
 from introspect.models import LoadedModel
 from introspect.steering import Steering
@@ -155,44 +160,89 @@ def write_examples(df: pd.DataFrame, path: str | os.PathLike) -> None:
         raise
 
 
+def row_steerings(
+    df: pd.DataFrame, vector_sets: Mapping[str, VectorSet], n_layers: int, d_model: int
+) -> list[Steering | None]:
+    """Each row's steering (None for unsteered rows), its vector looked up and validated."""
+    for vs in vector_sets.values():
+        vs.check_model(d_model)
+    out: list[Steering | None] = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        if not row.steered:
+            out.append(None)
+            continue
+        vs = vector_sets.get(row.vector_set)
+        if vs is None:
+            known = ", ".join(sorted(vector_sets)) or "none"
+            raise IntrospectError(
+                f"examples: row {i} uses vector_set '{row.vector_set}' but the vector files "
+                f"given are: {known} (a set is named by its file's stem)"
+            )
+        idx = int(row.vector_idx)
+        if not 0 <= idx < vs.vectors.shape[0]:
+            raise IntrospectError(
+                f"examples: row {i} vector_idx {idx} is outside '{vs.name}' "
+                f"({vs.vectors.shape[0]} vectors)"
+            )
+        steering = Steering(vs.vectors[idx], row.layer_start, row.layer_end, row.magnitude)
+        try:
+            steering.validate(n_layers, d_model)
+        except IntrospectError as e:
+            raise IntrospectError(f"examples: row {i}: {e}") from None
+        out.append(steering)
+    return out
+
+
+def _example(row, steering: Steering | None) -> DetectionExample:
+    return DetectionExample(
+        context_prompt=row.context_prompt,
+        assistant_response=row.assistant_response,
+        detection_question=row.detection_question,
+        system_prompt=None if pd.isna(row.system_prompt) else row.system_prompt,
+        steering=steering,
+    )
+
+
 def to_detection_examples(
     df: pd.DataFrame, vector_sets: Mapping[str, VectorSet], n_layers: int, d_model: int
 ) -> list[DetectionExample]:
     """Rows → trials. Steered rows look up their vector by ``vector_set`` and ``vector_idx``."""
-    for vs in vector_sets.values():
-        vs.check_model(d_model)
-    out = []
-    for i, row in enumerate(df.itertuples(index=False)):
-        steering = None
-        if row.steered:
-            vs = vector_sets.get(row.vector_set)
-            if vs is None:
-                known = ", ".join(sorted(vector_sets)) or "none"
-                raise IntrospectError(
-                    f"examples: row {i} uses vector_set '{row.vector_set}' but the vector files "
-                    f"given are: {known} (a set is named by its file's stem)"
-                )
-            idx = int(row.vector_idx)
-            if not 0 <= idx < vs.vectors.shape[0]:
-                raise IntrospectError(
-                    f"examples: row {i} vector_idx {idx} is outside '{vs.name}' "
-                    f"({vs.vectors.shape[0]} vectors)"
-                )
-            steering = Steering(vs.vectors[idx], row.layer_start, row.layer_end, row.magnitude)
-            try:
-                steering.validate(n_layers, d_model)
-            except IntrospectError as e:
-                raise IntrospectError(f"examples: row {i}: {e}") from None
-        out.append(
-            DetectionExample(
-                context_prompt=row.context_prompt,
-                assistant_response=row.assistant_response,
-                detection_question=row.detection_question,
-                system_prompt=None if pd.isna(row.system_prompt) else row.system_prompt,
-                steering=steering,
-            )
-        )
+    steerings = row_steerings(df, vector_sets, n_layers, d_model)
+    return [_example(row, s) for row, s in zip(df.itertuples(index=False), steerings, strict=True)]
+
+
+TOKEN_COLUMNS = ("prefix_ids", "suffix_ids", "answer_ids")
+
+
+def tokenise_examples(tokenizer, df: pd.DataFrame, info_prompt: str | None = None) -> pd.DataFrame:
+    """The rows with their token ids added (``prefix_ids``, ``suffix_ids``, ``answer_ids``).
+
+    Text only: the steering stays in the row's columns and is attached by
+    :func:`tokenised_prompts`, so this step needs no model and no vectors (Ray Data runs it in
+    ``map_batches``).
+    """
+    prompts = [build_prompt(tokenizer, _example(row, None), info_prompt) for row in df.itertuples()]
+    out = df.copy()
+    out["prefix_ids"] = [list(p.prefix_ids) for p in prompts]
+    out["suffix_ids"] = [list(p.suffix_ids) for p in prompts]
+    out["answer_ids"] = [list(p.answer_ids) for p in prompts]
     return out
+
+
+def tokenised_prompts(
+    df: pd.DataFrame, vector_sets: Mapping[str, VectorSet], n_layers: int, d_model: int
+) -> list[DetectionPrompt]:
+    """Tokenised rows (see :func:`tokenise_examples`) → prompts with their steering attached."""
+    steerings = row_steerings(df, vector_sets, n_layers, d_model)
+    return [
+        DetectionPrompt(
+            prefix_ids=[int(t) for t in row.prefix_ids],
+            suffix_ids=[int(t) for t in row.suffix_ids],
+            answer_ids=tuple(int(t) for t in row.answer_ids),
+            steering=s,
+        )
+        for row, s in zip(df.itertuples(index=False), steerings, strict=True)
+    ]
 
 
 def score_examples(

@@ -97,6 +97,26 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
 
 
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a model (aliases included), for tokenising without the weights."""
+    if name_or_path in ("tiny-random", "smollm2-135m"):
+        tokenizer = smollm2_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code
+            )
+        except OSError as e:
+            raise IntrospectError(
+                f"model: cannot load the tokenizer of {name_or_path!r} ({str(e).splitlines()[0]})"
+            ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _from_pretrained(source: str | Path, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -41,14 +41,13 @@ from introspect.checkpoints import (
 )
 from introspect.detection import (
     DetectionPrompt,
-    build_prompt,
     collate,
     steered_cache,
     suffix_logits,
 )
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.errors import IntrospectError
-from introspect.examples import to_detection_examples
+from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.models import LoadedModel, causal_lm
 from introspect.vectors import VectorSet
 
@@ -274,11 +273,10 @@ def train(
     from introspect.data import default_prompts
 
     info = default_prompts()["info_prompt"] if config.info_prompt else None
-    to_prompts = lambda df: [  # noqa: E731
-        build_prompt(lm.tokenizer, ex, info)
-        for ex in to_detection_examples(df, vector_sets, lm.n_layers, lm.d_model)
-    ]
     val_df = val_df.iloc[: config.val_max_examples]
+    to_prompts = lambda df: tokenised_prompts(  # noqa: E731
+        tokenise_examples(lm.tokenizer, df, info), vector_sets, lm.n_layers, lm.d_model
+    )
     return train_prompts(
         lm,
         to_prompts(train_df),
