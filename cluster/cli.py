@@ -292,30 +292,11 @@ def train_cmd(
     )
 
 
-def resolve_adapter(path: Path) -> Path:
-    """A run directory means its best model (else its final one); any other dir is used as is."""
-    for sub in ("best", "final"):
-        if (path / sub).is_dir():
-            return path / sub
-    return path
-
-
 def _load_evaluated(model: str, adapter: Path | None, dtype: str | None):
-    """The base model, plus a run's best/final adapter, an adapter dir, a fully fine-tuned model
-    dir, or a mid-run checkpoint (``RUN/checkpoints/step-N``)."""
     from introspect import models
-    from introspect.train import load_run_checkpoint
 
-    base, adapter_dir, checkpoint = model, None, None
-    if adapter is not None:
-        adapter_dir = resolve_adapter(adapter)
-        if (adapter_dir / "trainable.safetensors").exists():
-            adapter_dir, checkpoint = None, adapter
-        elif not (adapter_dir / "adapter_config.json").exists():
-            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
     with console.status(f"loading {model}"):
-        lm = models.load(base, dtype=dtype, adapter=adapter_dir)
-    return load_run_checkpoint(lm, checkpoint) if checkpoint else lm
+        return models.load_evaluated(model, adapter, dtype)
 
 
 @eval_app.command("detection")

@@ -267,3 +267,32 @@ def dims(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
         ) from None
     config = getattr(config, "get_text_config", lambda: config)()
     return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def resolve_adapter(path: str | os.PathLike) -> Path:
+    """A run directory means its best model (else its final one); any other dir is used as is."""
+    path = Path(path)
+    for sub in ("best", "final"):
+        if (path / sub).is_dir():
+            return path / sub
+    return path
+
+
+def load_evaluated(
+    model: str, adapter: str | os.PathLike | None = None, dtype: str | None = None, device=None
+) -> LoadedModel:
+    """The model to evaluate: the base ``model``, plus a run's best/final adapter, an adapter
+    directory, a fully fine-tuned model directory, or a mid-run checkpoint (``RUN/checkpoints/
+    step-N``)."""
+    from introspect.train import load_run_checkpoint
+
+    base, adapter_dir, checkpoint = model, None, None
+    if adapter is not None:
+        adapter_dir = resolve_adapter(adapter)
+        if (adapter_dir / "trainable.safetensors").exists():
+            adapter_dir, checkpoint = None, adapter
+        elif not (adapter_dir / "adapter_config.json").exists():
+            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
+    lm = load(base, dtype=dtype, device=device, adapter=adapter_dir)
+    return load_run_checkpoint(lm, checkpoint) if checkpoint else lm
+

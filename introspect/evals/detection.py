@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,83 @@ def write_detection_eval(
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
+
+
+@dataclass
+class DetectionEvalConfig:
+    """B1 as a plan stage or CLI call sees it."""
+
+    model: str
+    vectors: str  # random vector file (train + held-out rows)
+    adapter: str | None = None
+    concepts: str | None = None
+    n_per_tier: int = 200
+    magnitudes: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0, 30.0])
+    magnitude_mode: str = "absolute"
+    food: bool = False
+    info_prompt: bool = False
+    batch_size: int = 16
+    seed: int = 1234
+    dtype: str | None = None
+    label: str | None = None
+
+
+def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = False) -> dict:
+    """B1 end to end: trials, scores, metrics, plots, ``summary.md``; returns the metrics."""
+    from introspect.activations import base_residual_norms
+    from introspect.models import load_evaluated
+    from introspect.vectors import load_vectors
+
+    known = set(DetectionEvalConfig.__dataclass_fields__)
+    for key in config:
+        if key not in known:
+            raise IntrospectError(f"{key}: not a detection-eval option ({', '.join(sorted(known))})")
+    cfg = DetectionEvalConfig(**config)
+    lm = load_evaluated(cfg.model, cfg.adapter, cfg.dtype)
+    random_vs = load_vectors(cfg.vectors, lm.d_model)
+    concept_vs = load_vectors(cfg.concepts, lm.d_model) if cfg.concepts else None
+    texts = default_prompts()
+    norms = None
+    if cfg.magnitude_mode == "relative":
+        norms = base_residual_norms(lm, texts["context_prompts"])
+    trials = detection_trials(
+        lm.n_layers,
+        random_vs,
+        concept_vs,
+        cfg.n_per_tier,
+        cfg.magnitudes,
+        cfg.magnitude_mode,
+        norms,
+        cfg.food,
+        cfg.seed,
+        texts,
+    )
+    sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
+    info = texts["info_prompt"] if cfg.info_prompt else None
+    scores, metrics = evaluate_detection(lm, trials, sets, cfg.batch_size, info, progress)
+    metrics.update({k: v for k, v in asdict(cfg).items() if k != "label"})
+    metrics["label"] = cfg.label or str(cfg.adapter or cfg.model)
+    write_detection_eval(out_dir, scores, metrics, lm.n_layers)
+    (Path(out_dir) / "summary.md").write_text(summary_markdown(metrics))
+    return metrics
+
+
+def summary_markdown(metrics: dict) -> str:
+    """B1's results for one model as a Markdown fragment (table + plots)."""
+    lines = [
+        f"### B1 detection: {metrics['label']}",
+        "",
+        "| tier | accuracy [95% CI] | TPR | FPR | d′ | AUROC [95% CI] | n steered/unsteered |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = list(metrics["tiers"].items()) + ([("food", metrics["food"])] if "food" in metrics else [])
+    for tier, m in rows:
+        ci = m["ci"]
+        lines.append(
+            f"| {tier} | {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}] "
+            f"| {m['tpr']:.3f} | {m['fpr']:.3f} | {m['d_prime']:.2f} "
+            f"| {m['auroc']:.3f} [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}] "
+            f"| {m['n_steered']}/{m['n_unsteered']} |"
+        )
+    lines += ["", "![ROC by tier](roc.png) ![p_yes histograms](p_yes_hist.png)", ""]
+    return "\n".join(lines) + "\n"

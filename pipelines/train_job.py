@@ -1,0 +1,262 @@
+"""A detection-training run as a Ray Train job: Ray Data in, ``introspect.train`` inside.
+
+The driver streams the examples file through Ray Data (tokenised in ``map_batches``, no model
+needed), a ``TorchTrainer`` starts the workers, and each worker runs the same loop as a single
+process (:func:`introspect.train.train_prompts`). The steered KV cache is computed inside the
+worker because it must come from the model being trained, and at 32B it is ~50 MB per example:
+shipping it through the object store would cost more than recomputing it.
+
+Every worker reads the whole tokenised set (a few integers per row) and takes its share of each
+global batch by rank, because data order is a function of (seed, step) alone: one worker
+reproduces the single-process run step by step, and a restarted worker picks up exactly where
+the failed one stopped.
+
+Rank 0 writes the run directory on local disk; each checkpoint (weights, optimizer, log, best
+export) is reported to Ray Train, which persists it under ``storage_path/name`` (a local path or
+``s3://``). A failed worker group restarts from the last reported checkpoint
+(``max_failures``); rerunning a job with the same name and storage resumes the same way. When
+the job ends the final run directory is copied to ``out``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from introspect.errors import IntrospectError
+from introspect.examples import read_examples, tokenise_examples, tokenised_prompts
+from introspect.train import TrainConfig, TrainingDiverged, train_prompts
+
+# What a checkpoint reported to Ray holds besides the training state itself.
+RUN_FILES = ("config.json", "log.jsonl", "metrics.json", "worker.json", "best", "final")
+
+
+@dataclass
+class TrainJob:
+    """One training run on a Ray cluster."""
+
+    name: str  # unique per run: the Ray Train run name under storage_path
+    model: str
+    train_data: str  # examples file (.parquet or .jsonl)
+    val_data: str
+    vectors: list[str]  # vector files; a set is named by its file's stem
+    config: TrainConfig = field(default_factory=TrainConfig)
+    storage_path: str = "runs/ray"  # local directory or s3://bucket/prefix
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    dtype: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    max_failures: int = 2
+    backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on GPU
+
+
+def example_dataset(path: str, model: str, info_prompt: str | None = None) -> ray.data.Dataset:
+    """Examples streamed from their file and tokenised in ``map_batches`` (tokenizer only)."""
+    if str(path).endswith(".parquet"):
+        ds = ray.data.read_parquet(str(Path(path).resolve()) if "://" not in path else path)
+    else:  # hand-made JSONL: validated and normalised on the driver, then distributed
+        ds = ray.data.from_pandas(read_examples(path))
+    # Light tasks (a fraction of a CPU): on a small cluster the training workers hold the CPUs
+    # while the data streams in, and a whole-CPU tokeniser would wait for them forever.
+    return ds.map_batches(
+        _tokenise,
+        fn_kwargs={"model": model, "info_prompt": info_prompt},
+        batch_format="pandas",
+        num_cpus=0.1,
+    )
+
+
+@functools.cache
+def _tokenizer(model: str):
+    from introspect.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _tokenise(batch: pd.DataFrame, model: str, info_prompt: str | None) -> pd.DataFrame:
+    """Ray Data UDF: the token-id columns, with the tokenizer loaded once per worker process."""
+    return tokenise_examples(_tokenizer(model), batch, info_prompt)
+
+
+def _shard_frame(name: str) -> pd.DataFrame:
+    parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_format="pandas"))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _stage(run_dir: Path, checkpoint: Path | None) -> Path:
+    """A directory holding what a restarted worker (or the driver) needs from this run."""
+    stage = Path(tempfile.mkdtemp(prefix="introspect-report-"))
+    for name in RUN_FILES:
+        src = run_dir / name
+        if src.is_dir():
+            shutil.copytree(src, stage / name)
+        elif src.exists():
+            shutil.copy2(src, stage / name)
+    if checkpoint is not None:
+        shutil.copytree(checkpoint, stage / "checkpoints" / checkpoint.name)
+    return stage
+
+
+def _report(record: dict, run_dir: Path, checkpoint: Path | None, rank: int) -> None:
+    metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    stage = _stage(run_dir, checkpoint)
+    try:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(stage)))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """The Ray Train worker: build prompts, restore the last checkpoint, run the loop."""
+    import torch
+
+    from introspect.checkpoints import latest_checkpoint
+    from introspect.models import load
+    from introspect.vectors import load_vectors
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    config = TrainConfig(**cfg["config"])
+    device = "cpu"
+    if cfg["use_gpu"] and torch.cuda.is_available():
+        device = f"cuda:{ctx.get_local_rank()}" if torch.cuda.device_count() > 1 else "cuda"
+    lm = load(cfg["model"], dtype=cfg["dtype"], device=device)
+    vector_sets = {Path(p).stem: load_vectors(p) for p in cfg["vectors"]}
+    train_df, val_df = _shard_frame("train"), _shard_frame("val")
+    val_df = val_df.iloc[: config.val_max_examples]
+    as_prompts = lambda df: tokenised_prompts(df, vector_sets, lm.n_layers, lm.d_model)  # noqa: E731
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"introspect-{cfg['name']}-r{rank}-"))
+    started = time.time()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copytree(d, run_dir, dirs_exist_ok=True)
+    try:
+        result = train_prompts(
+            lm,
+            as_prompts(train_df),
+            train_df["label"].tolist(),
+            as_prompts(val_df),
+            val_df["label"].tolist(),
+            config,
+            run_dir,
+            resume=restored is not None,
+            on_save=lambda step, ckpt, record: _report(record, run_dir, ckpt, rank),
+        )
+    except TrainingDiverged as e:
+        # Not a worker failure to retry: the same data and state would diverge again.
+        raise IntrospectError(str(e)) from None
+    # Where and when rank 0 ran (placement checks, the cost record).
+    placement = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "device": str(lm.device),
+        "world_size": ctx.get_world_size(),
+        "started": started,
+        "ended": time.time(),
+    }
+    (run_dir / "worker.json").write_text(json.dumps(placement, indent=2))
+    final = {
+        "step": result.steps,
+        "val_accuracy": result.final_val_accuracy,
+        "val_loss": result.final_val_loss,
+        "done": 1,
+    }
+    # The last checkpoint travels with the final report, so a rerun under the same name
+    # restores a finished loop instead of starting over.
+    _report(final, run_dir, latest_checkpoint(run_dir) if rank == 0 else None, rank)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None = None) -> dict:
+    """Run ``job`` on the connected Ray cluster; copy the finished run into ``out``.
+
+    Returns the run's metrics (``metrics.json``) plus wall time and worker-hours.
+    """
+    job.config.validate()
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    from introspect.data import default_prompts
+
+    info = default_prompts()["info_prompt"] if job.config.info_prompt else None
+    # Tokenised up front: on a small cluster, jobs running side by side can hold every CPU
+    # while a later job's data still needs a slice of one to stream.
+    datasets = {
+        "train": example_dataset(job.train_data, job.model, info).materialize(),
+        "val": example_dataset(job.val_data, job.model, info).materialize(),
+    }
+    storage = job.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    cfg = {**asdict(job), "config": asdict(job.config), "storage_path": storage}
+    resources = {"CPU": job.cpus_per_worker} | ({"GPU": 1} if job.use_gpu else {})
+    backend = job.backend or ("nccl" if job.use_gpu else "gloo")
+    from ray.train.torch import TorchConfig
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # Every worker sees the whole (tokenised) set, in file order: see the module docstring.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise IntrospectError(f"train job {job.name}: finished without reporting a checkpoint")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+    metrics = json.loads((tmp / "metrics.json").read_text())
+    metrics.update(
+        run_dir=str(out),
+        wall_s=wall,
+        num_workers=job.num_workers,
+        worker_hours=wall * job.num_workers / 3600,
+        gpu_hours=wall * job.num_workers / 3600 if job.use_gpu else 0.0,
+    )
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return metrics
+
+
+def _ordered():
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions()
+    options.preserve_order = True
+    return options
