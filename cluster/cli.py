@@ -407,6 +407,11 @@ def stance_patterns(
     )
 
 
+from cluster import cli_ray  # noqa: E402 - the Ray commands register on the same app
+
+cli_ray.register(app)
+
+
 def main() -> None:
     """Console entry point: IntrospectError becomes one line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,12 +16,16 @@ import ray
 from pipelines.train_job import TrainJob, run_train_job
 
 
-def job_capacity(job: TrainJob) -> int:
-    """How many copies of ``job`` the connected cluster holds at once."""
+def capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many training jobs of this shape the connected cluster holds at once."""
     total = ray.cluster_resources()
-    if job.use_gpu:
-        return max(1, int(total.get("GPU", 0) // job.num_workers))
-    return max(1, int(total.get("CPU", 1) // (job.num_workers * job.cpus_per_worker)))
+    if use_gpu:
+        return max(1, int(total.get("GPU", 0) // num_workers))
+    return max(1, int(total.get("CPU", 1) // (num_workers * cpus_per_worker)))
+
+
+def job_capacity(job: TrainJob) -> int:
+    return capacity(job.num_workers, job.cpus_per_worker, job.use_gpu)
 
 
 @ray.remote(num_cpus=0)

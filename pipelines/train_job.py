@@ -207,7 +207,10 @@ def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None 
         storage = str(Path(storage).resolve())
     cfg = {**asdict(job), "config": asdict(job.config), "storage_path": storage}
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": 1} if job.use_gpu else {})
-    backend = job.backend or ("nccl" if job.use_gpu else "gloo")
+    # NCCL only where this torch has it (a CPU build, or fake GPUs in tests, use gloo).
+    import torch.distributed as dist
+
+    backend = job.backend or ("nccl" if job.use_gpu and dist.is_nccl_available() else "gloo")
     from ray.train.torch import TorchConfig
 
     trainer = TorchTrainer(

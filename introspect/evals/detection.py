@@ -263,7 +263,9 @@ def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = Fal
     known = set(DetectionEvalConfig.__dataclass_fields__)
     for key in config:
         if key not in known:
-            raise IntrospectError(f"{key}: not a detection-eval option ({', '.join(sorted(known))})")
+            raise IntrospectError(
+                f"{key}: not a detection-eval option ({', '.join(sorted(known))})"
+            )
     cfg = DetectionEvalConfig(**config)
     lm = load_evaluated(cfg.model, cfg.adapter, cfg.dtype)
     random_vs = load_vectors(cfg.vectors, lm.d_model)
@@ -287,7 +289,9 @@ def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = Fal
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
     scores, metrics = evaluate_detection(lm, trials, sets, cfg.batch_size, info, progress)
-    metrics.update({k: v for k, v in asdict(cfg).items() if k != "label"})
+    # The settings travel with the numbers ("food" is the food task's metrics, not the flag).
+    metrics.update({k: v for k, v in asdict(cfg).items() if k not in ("label", "food")})
+    metrics["food_task"] = cfg.food
     metrics["label"] = cfg.label or str(cfg.adapter or cfg.model)
     write_detection_eval(out_dir, scores, metrics, lm.n_layers)
     (Path(out_dir) / "summary.md").write_text(summary_markdown(metrics))
@@ -302,7 +306,9 @@ def summary_markdown(metrics: dict) -> str:
         "| tier | accuracy [95% CI] | TPR | FPR | d′ | AUROC [95% CI] | n steered/unsteered |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = list(metrics["tiers"].items()) + ([("food", metrics["food"])] if "food" in metrics else [])
+    rows = list(metrics["tiers"].items()) + (
+        [("food", metrics["food"])] if "food" in metrics else []
+    )
     for tier, m in rows:
         ci = m["ci"]
         lines.append(

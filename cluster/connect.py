@@ -1,0 +1,44 @@
+"""Connecting to Ray: a private local instance by default, or a cluster by address.
+
+``None`` or ``"local"`` starts a fresh local Ray sized to this machine (never an unrelated
+cluster that happens to run here); ``"auto"`` joins the cluster this machine belongs to (what a
+job submitted to a `ray up` cluster uses); ``ray://HOST:PORT`` connects a Ray client. Ray's
+token authentication stays on: the token is read from where Ray keeps it (``RAY_AUTH_TOKEN`` or
+the token file Ray's own CLI manages), never from our configs or logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from introspect.errors import IntrospectError
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Initialise Ray once for this process; returns a description of what it joined."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if address in (None, "", "local"):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        return f"local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    if not (address == "auto" or address.startswith("ray://") or ":" in address):
+        raise IntrospectError(
+            f"address: {address!r} must be 'local', 'auto', HOST:PORT or ray://HOST:PORT"
+        )
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IntrospectError(f"address: cannot connect to Ray at {address!r} ({first})") from None
+    res = ray.cluster_resources()
+    return f"Ray at {address} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"

@@ -1,0 +1,243 @@
+"""The plan report, rebuilt from the results on disk alone (``report.md`` and ``report.html``).
+
+Reads ``runs/<plan>/plan.json`` (written by the plan runner) and each finished stage's
+``metrics.json``, ``timing.json`` and ``summary.md``. Numbers in the comparison table are read
+from the per-run metrics files, never recomputed, so the report always equals them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from introspect.errors import IntrospectError
+from introspect.tables import markdown_table
+
+TIERS = ("in_distribution", "held_out", "concepts")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stage_dirs(root: Path, plan: dict) -> dict[str, Path]:
+    """Each stage's finished directory (the newest complete one if several hashes exist)."""
+    out = {}
+    for name in plan["stages"]:
+        done = [p for p in (root / name).glob("*") if p.is_dir() and not p.name.startswith(".")]
+        done = [p for p in done if (p / "COMPLETE").exists() or any(p.glob("*/COMPLETE"))]
+        if done:
+            out[name] = max(done, key=lambda p: p.stat().st_mtime)
+    if (root / "stages.json").exists():  # the runner's record of this plan's current hashes
+        current = {
+            k: root / k / h for k, h in json.loads((root / "stages.json").read_text()).items()
+        }
+        out.update({k: v for k, v in current.items() if v.exists()})
+    return out
+
+
+def _ci(m: dict, key: str, digits: int = 3) -> str:
+    lo, hi = m["ci"][key]
+    return f"{m[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def detection_table(evals: dict[str, dict]) -> pd.DataFrame:
+    """One row per (model, tier): B1 metrics with intervals, straight from metrics.json."""
+    rows = []
+    for model, metrics in evals.items():
+        tiers = list(metrics["tiers"].items()) + (
+            [("food", metrics["food"])] if "food" in metrics else []
+        )
+        for tier, m in tiers:
+            rows.append(
+                {
+                    "model": model,
+                    "tier": tier,
+                    "accuracy [95% CI]": _ci(m, "accuracy"),
+                    "TPR": f"{m['tpr']:.3f}",
+                    "FPR": f"{m['fpr']:.3f}",
+                    "d′": f"{m['d_prime']:.2f}",
+                    "AUROC [95% CI]": _ci(m, "auroc"),
+                    "n s/u": f"{m['n_steered']}/{m['n_unsteered']}",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def verdict(model: str, preset: str | None, metrics: dict, train: dict | None) -> str:
+    """What the numbers say about one model, in words (the controls' verdicts included)."""
+    held = metrics["tiers"].get("held_out") or next(iter(metrics["tiers"].values()))
+    lo, hi = held["ci"]["accuracy"]
+    acc = f"held-out accuracy {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+    detects = lo > 0.5
+    anti = hi < 0.5
+    if preset == "food-control":
+        food = metrics.get("food")
+        learned = (
+            f"it learned the food question (food accuracy {_ci(food, 'accuracy')})"
+            if food and food["ci"]["accuracy"][0] > 0.5
+            else "it did not learn the food question either"
+            if food
+            else "the food task was not evaluated"
+        )
+        shows = "shows detection of steering" if detects else "shows no detection of steering"
+        return f"**{model}** (food-control): {shows} ({acc}); {learned}."
+    if preset == "flipped-labels":
+        val = train.get("final_val_accuracy") if train else None
+        learned = (
+            f"validation accuracy on its flipped labels is {val:.3f}"
+            + (
+                " — near chance: random labels carry nothing to learn"
+                if abs(val - 0.5) < 0.1
+                else ""
+            )
+            if val is not None
+            else "no training metrics"
+        )
+        way = "detects" if detects else ("anti-detects" if anti else "does not detect")
+        return f"**{model}** (flipped-labels): {learned}; on B1 it {way} steering ({acc})."
+    if model == "base":
+        word = "already detects" if detects else "does not detect"
+        return f"**base** (untrained): {word} steering ({acc})."
+    word = "detects" if detects else ("anti-detects" if anti else "does not detect")
+    return f"**{model}** ({preset or 'trained'}): {word} steering on held-out vectors ({acc})."
+
+
+def _rebase(summary: str, stage_dir: Path, report_dir: Path) -> str:
+    """Point a stage summary's relative image links at the stage directory."""
+    rel = os.path.relpath(stage_dir, report_dir)
+
+    def fix(m: re.Match) -> str:
+        target = m.group(2)
+        if "://" in target or target.startswith("/"):
+            return m.group(0)
+        return f"![{m.group(1)}]({rel}/{target})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", fix, summary)
+
+
+def build_report(root: str | os.PathLike) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``root`` (a plan's run directory)."""
+    root = Path(root)
+    plan = _load(root / "plan.json")
+    if plan is None:
+        raise IntrospectError(f"report: {root} has no plan.json (is it a plan's run directory?)")
+    dirs = _stage_dirs(root, plan)
+    stages = plan["stages"]
+    presets = {n: s.get("preset") for n, s in stages.items() if s["kind"] == "train"}
+    parts = [f"# {plan['name']}: report", ""]
+    if plan.get("description"):
+        parts += [plan["description"].strip(), ""]
+    parts += [f"Model: `{plan['model']}`.", ""]
+
+    # The B1 comparison across models, and the verdicts.
+    for name, s in stages.items():
+        if s["kind"] != "eval" or s["suite"] != "detection" or name not in dirs:
+            continue
+        evals = {
+            m: _load(dirs[name] / m / "metrics.json")
+            for m in s["models"]
+            if (dirs[name] / m / "COMPLETE").exists()
+        }
+        evals = {m: v for m, v in evals.items() if v}
+        if not evals:
+            continue
+        parts += [f"## B1 detection across models (`{name}`)", ""]
+        parts += [markdown_table(detection_table(evals)), ""]
+        parts += ["**Verdicts.**", ""]
+        for m, metrics in evals.items():
+            train = _load(dirs[m] / "run" / "metrics.json") if m in dirs else None
+            parts.append(f"- {verdict(m, presets.get(m), metrics, train)}")
+        parts += [""]
+
+    # Every stage's own summary, grouped by kind.
+    titles = {
+        "train": "Training runs",
+        "sweep": "Sweeps",
+        "eval": "Evaluations",
+        "stance": "Epistemic stance",
+        "localize": "Localisation training (Phase C)",
+        "data": "Data",
+        "vectors": "Vectors",
+    }
+    for kind, title in titles.items():
+        names = [n for n, s in stages.items() if s["kind"] == kind and n in dirs]
+        if not names:
+            continue
+        parts += [f"## {title}", ""]
+        for n in names:
+            subdirs = [dirs[n] / m for m in stages[n]["models"]] if kind == "eval" else [dirs[n]]
+            for d in subdirs:
+                if (d / "summary.md").exists():
+                    parts += [_rebase((d / "summary.md").read_text(), d, root), ""]
+
+    parts += ["## Time and cost per stage", "", markdown_table(cost_table(root, plan, dirs)), ""]
+    text = "\n".join(parts)
+    _atomic(root / "report.md", text)
+    _atomic(root / "report.html", to_html(text, f"{plan['name']} report"))
+    return root / "report.md"
+
+
+def cost_table(root: Path, plan: dict, dirs: dict[str, Path]) -> pd.DataFrame:
+    rows = []
+    for name, s in plan["stages"].items():
+        if name not in dirs:
+            rows.append({"stage": name, "state": "not run"})
+            continue
+        subdirs = [dirs[name] / m for m in s["models"]] if s["kind"] == "eval" else [dirs[name]]
+        for d in subdirs:
+            t = _load(d / "timing.json")
+            label = name if d == dirs[name] else f"{name}[{d.name}]"
+            if t is None:
+                rows.append({"stage": label, "state": "not finished"})
+                continue
+            rows.append(
+                {
+                    "stage": label,
+                    "state": "done",
+                    "wall s": round(t["wall_s"], 1),
+                    "device": t["device"],
+                    "device-hours": round(t["device_hours"], 4),
+                    "USD": round(t["usd"], 4),
+                }
+            )
+    table = pd.DataFrame(rows)
+    if "wall s" in table:
+        total = {
+            "stage": "total",
+            "state": "",
+            "wall s": round(table["wall s"].sum(), 1),
+            "device": "",
+            "device-hours": round(table["device-hours"].sum(), 4),
+            "USD": round(table["USD"].sum(), 4),
+        }
+        table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    return table
+
+
+def to_html(markdown: str, title: str) -> str:
+    """Standalone HTML for the Markdown report (tables and images included)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}"
+        "img{max-width:49%;vertical-align:top}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{hashlib.md5(text.encode()).hexdigest()[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,264 @@
+"""Carry out a plan on the connected Ray cluster: every stage once, in dependency order.
+
+A stage's directory is ``runs/<plan>/<stage>/<hash>``; it is written under a temporary name and
+renamed when the stage succeeds, then marked ``COMPLETE``, so a rerun skips finished stages and
+an interrupted one starts again from scratch (training resumes from its Ray Train checkpoints,
+which live under the plan's storage and survive the interruption). Independent stages run side by
+side: training drivers take no CPU themselves (their workers hold the CPUs or GPUs), at most as
+many trainings as the cluster holds are started, and every other stage is a Ray task that asks
+for one CPU (or one GPU on a GPU plan), so the cluster's size sets the concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from introspect.errors import IntrospectError
+from pipelines import stages as S
+from pipelines.plan import BASE, Plan, inputs, order, stage_hashes
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class StageRun:
+    """A unit the runner schedules: a whole stage, or one model of an eval stage."""
+
+    stage: str
+    part: str | None  # the model of an eval stage
+    out: Path
+    needs: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.stage if self.part is None else f"{self.stage}[{self.part}]"
+
+
+def plan_root(plan: Plan) -> Path:
+    return Path(plan.runs_dir) / plan.name
+
+
+def stage_dirs(plan: Plan) -> dict[str, Path]:
+    hashes = stage_hashes(plan)
+    return {name: plan_root(plan) / name / hashes[name] for name in plan.stages}
+
+
+def units(plan: Plan) -> list[StageRun]:
+    """Every schedulable unit, in an order where each follows what it needs."""
+    dirs = stage_dirs(plan)
+    out = []
+    for name in order(plan):
+        stage = plan.stages[name]
+        needs = inputs(stage)
+        if stage.kind == "eval":
+            for m in stage.models:
+                out.append(StageRun(name, m, dirs[name] / m, needs))
+        else:
+            out.append(StageRun(name, None, dirs[name], needs))
+    return out
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).exists()
+
+
+def _execute(plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: str) -> dict:
+    """Run one unit into a temporary directory, then move it into place and mark it done."""
+    tmp = unit.out.with_name(f".tmp-{unit.out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kind = plan.stages[unit.stage].kind
+    started = time.time()
+    if kind == "eval":
+        metrics = S.eval_one(plan, unit.stage, unit.part, tmp, input_dirs)
+    elif kind in ("train", "sweep"):
+        fn = S.train_stage if kind == "train" else S.sweep_stage
+        metrics = fn(plan, unit.stage, tmp, input_dirs, storage)
+    else:
+        fn = {
+            "vectors": S.vectors_stage,
+            "data": S.data_stage,
+            "stance": S.stance_stage,
+            "localize": S.localize_stage,
+        }[kind]
+        metrics = fn(plan, unit.stage, tmp, input_dirs)
+    ended = time.time()
+    timing = _cost(plan, kind, metrics, started, ended)
+    (tmp / "timing.json").write_text(json.dumps(timing, indent=2))
+    if not (tmp / "metrics.json").exists():
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    shutil.rmtree(unit.out, ignore_errors=True)
+    unit.out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, unit.out)
+    (unit.out / COMPLETE).write_text(str(ended))
+    return timing
+
+
+def _cost(plan: Plan, kind: str, metrics: dict, started: float, ended: float) -> dict:
+    """Wall time, device-hours and dollars at the plan's rates."""
+    wall = ended - started
+    gpu = plan.resources.use_gpu
+    if kind in ("train",) and isinstance(metrics, dict) and "worker_hours" in metrics:
+        hours = metrics["worker_hours"]
+    else:
+        hours = wall / 3600
+    rate = plan.cost.usd_per_gpu_hour if gpu else plan.cost.usd_per_cpu_hour
+    return {
+        "started": started,
+        "ended": ended,
+        "wall_s": wall,
+        "device": "gpu" if gpu else "cpu",
+        "device_hours": hours,
+        "usd": hours * rate,
+    }
+
+
+def _remote_options(plan: Plan, kind: str) -> dict:
+    if kind in ("train", "sweep"):
+        return {"num_cpus": 0}  # a driver: its Ray Train workers hold the resources
+    if plan.resources.use_gpu and kind != "data":
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 1}
+
+
+@ray.remote(max_retries=0)
+def _execute_remote(plan_json: str, unit: StageRun, input_dirs: dict, storage: str) -> dict:
+    plan = Plan.model_validate_json(plan_json)
+    return _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+
+
+def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict:
+    """Run every unfinished stage; return ``{unit key: "done" | "skipped" | error line}``."""
+    from pipelines.concurrent import capacity
+
+    root = plan_root(plan).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "plan.json").write_text(plan.model_dump_json(indent=2))
+    # Which hash of each stage this version of the plan uses (the report reads it).
+    (root / "stages.json").write_text(json.dumps(stage_hashes(plan), indent=2))
+    storage = plan.storage or str(root / "ray")
+    dirs = {k: v.resolve() for k, v in stage_dirs(plan).items()}
+    todo = units(plan)
+    for u in todo:
+        u.out = u.out.resolve()
+    status: dict[str, str] = {}
+    for u in todo:
+        if is_complete(u.out):
+            status[u.key] = "skipped"
+    stage_keys: dict[str, list[str]] = {}
+    for u in todo:
+        stage_keys.setdefault(u.stage, []).append(u.key)
+
+    def stage_done(name: str) -> bool:
+        return all(status.get(k) in ("done", "skipped") for k in stage_keys[name])
+
+    def stage_failed(name: str) -> bool:
+        return any(status.get(k, "").startswith(("failed", "blocked")) for k in stage_keys[name])
+
+    running: dict[ray.ObjectRef, StageRun] = {}
+    started: dict[str, float] = {}
+    plan_json = plan.model_dump_json()
+    view = _Progress(todo, status, started) if progress else None
+    try:
+        while True:
+            for u in todo:
+                if u.key in status or u.key in started:
+                    continue
+                if any(stage_failed(n) for n in u.needs):
+                    status[u.key] = "blocked (an input failed)"
+                    continue
+                if not all(stage_done(n) for n in u.needs):
+                    continue
+                kind = plan.stages[u.stage].kind
+                if kind in ("train", "sweep"):
+                    res = plan.resources
+                    slots = capacity(
+                        plan.stages[u.stage].num_workers, res.cpus_per_worker, res.use_gpu
+                    )
+                    busy = sum(
+                        plan.stages[r.stage].kind in ("train", "sweep") for r in running.values()
+                    )
+                    if busy >= slots:
+                        continue
+                # Every finished stage: a training stage also reads its data's vectors.
+                input_dirs = {n: str(d) for n, d in dirs.items() if stage_done(n)}
+                ref = _execute_remote.options(**_remote_options(plan, kind)).remote(
+                    plan_json, u, input_dirs, storage
+                )
+                running[ref] = u
+                started[u.key] = time.time()
+            if view:
+                view.update()
+            if not running:
+                break
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                u = running.pop(ref)
+                try:
+                    ray.get(ref)
+                    status[u.key] = "done"
+                except Exception as e:  # noqa: BLE001 - reported per stage, the rest go on
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                    if not isinstance(cause, IntrospectError):
+                        line = f"{type(cause).__name__}: {line}"
+                    status[u.key] = f"failed: {line}"
+                    if fail_fast:
+                        raise IntrospectError(f"stages.{u.key}: {line}") from None
+    finally:
+        if view:
+            view.close()
+    (root / "status.json").write_text(json.dumps(status, indent=2))
+    return status
+
+
+class _Progress:
+    """A live table: one line per unit with its state and elapsed time."""
+
+    def __init__(self, todo: list[StageRun], status: dict, started: dict):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.todo, self.status, self.started = todo, status, started
+        self.t0 = time.time()
+        self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2)
+        self.live.start()
+
+    def _table(self):
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"plan stages ({time.time() - self.t0:.0f} s)")
+        for col in ("stage", "state", "time"):
+            table.add_column(col)
+        for u in self.todo:
+            state = self.status.get(u.key)
+            if state is None:
+                state = "running" if u.key in self.started else "waiting"
+            t = self.started.get(u.key)
+            elapsed = f"{time.time() - t:.0f} s" if t and u.key not in self.status else ""
+            style = {"done": "green", "skipped": "dim", "running": "yellow"}.get(
+                state.split(":")[0], "red" if state.startswith(("failed", "blocked")) else ""
+            )
+            shown = escape(state)
+            table.add_row(escape(u.key), f"[{style}]{shown}[/]" if style else shown, elapsed)
+        return table
+
+    def update(self) -> None:
+        self.live.update(self._table())
+
+    def close(self) -> None:
+        self.update()
+        self.live.stop()
+
+
+def model_refs(plan: Plan) -> list[str]:
+    """Every model the plan evaluates: the base first, then its training stages."""
+    return [BASE] + [n for n, s in plan.stages.items() if s.kind == "train"]
