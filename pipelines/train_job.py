@@ -60,6 +60,7 @@ class TrainJob:
     dtype: str | None = None  # default: bf16 on GPU, fp32 on CPU
     max_failures: int = 2
     backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on GPU
+    worker_env: dict | None = None  # runtime_env of the training workers (env_vars, setup hook)
 
 
 def example_dataset(path: str, model: str, info_prompt: str | None = None) -> ray.data.Dataset:
@@ -206,6 +207,7 @@ def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None 
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     cfg = {**asdict(job), "config": asdict(job.config), "storage_path": storage}
+    cfg.pop("worker_env")  # may hold a callable; the workers get it through their runtime_env
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": 1} if job.use_gpu else {})
     # NCCL only where this torch has it (a CPU build, or fake GPUs in tests, use gloo).
     import torch.distributed as dist
@@ -226,6 +228,7 @@ def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None 
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            worker_runtime_env=job.worker_env,
         ),
         datasets=datasets,
         # Every worker sees the whole (tokenised) set, in file order: see the module docstring.

@@ -1,0 +1,153 @@
+"""Plans: validation errors name the field, a plan runs end to end, reruns skip, kills resume."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from introspect.errors import IntrospectError
+from pipelines.plan import load_plan, parse_plan, stage_hashes
+
+TINY = Path(__file__).parent / "plans" / "tiny.yaml"
+CLI = [sys.executable, "-m", "cluster.cli"]
+
+
+def tiny() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def cli(*args, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_the_shipped_plans_are_valid():
+    for path in sorted((Path(__file__).parent.parent / "plans").glob("*.yaml")):
+        assert load_plan(path).stages, path
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda p: p.update(colour="red"), "colour: unknown key"),
+        (lambda p: p["stages"]["data"].update(n="many"), "stages.data.n"),
+        (lambda p: p.update(model="no-such-model"), "model: 'no-such-model'"),
+        (lambda p: p["stages"]["original"].update(preset="orignal"), "stages.original.preset"),
+        (lambda p: p["stages"]["random"].update(after=["b1"]), "dependency cycle"),
+        (lambda p: p["stages"]["b1"].update(models=["base", "nope"]), "unknown stage 'nope'"),
+        (lambda p: p["stages"]["original"].update(data="random"), "is a vectors stage"),
+        (lambda p: p["stages"]["b1"].update(suite="vibes"), "stages.b1.suite"),
+        (lambda p: p["stages"]["original"]["overrides"].update(lr_max=1), "lr_max"),
+        (lambda p: p["stages"]["data"].update(kind="bake"), "unknown kind 'bake'"),
+    ],
+)
+def test_a_malformed_plan_is_one_line_naming_the_field(tmp_path, edit, field):
+    plan = tiny()
+    edit(plan)
+    with pytest.raises(IntrospectError, match=re.escape(field)):
+        parse_plan(plan)
+
+
+def test_a_malformed_plan_on_the_cli_exits_2_and_writes_nothing(tmp_path):
+    plan = tiny()
+    plan["stages"]["original"]["preset"] = "orignal"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    r = cli("run", str(path), "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "stages.original.preset" in lines[0], r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_hashes_change_downstream_of_an_edit_only():
+    before = stage_hashes(parse_plan(tiny()))
+    plan = tiny()
+    plan["stages"]["data-food"]["n"] = 50
+    after = stage_hashes(parse_plan(plan))
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"data-food", "food-control", "b1"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny plan run once to the end through the CLI (its own local Ray)."""
+    runs = tmp_path_factory.mktemp("runs")
+    r = cli("run", str(TINY), "--runs-dir", str(runs))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return runs / "tiny"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_numbers_equal_the_metrics_files(finished):
+    report = (finished / "report.md").read_text()
+    assert (finished / "report.html").exists()
+    hashes = json.loads((finished / "stages.json").read_text())
+    for model in ("base", "original", "food-control"):
+        m = json.loads((finished / "b1" / hashes["b1"] / model / "metrics.json").read_text())
+        held = m["tiers"]["held_out"]
+        lo, hi = held["ci"]["accuracy"]
+        row = f"| {model} | held_out | {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |"
+        assert row in report, row
+    assert "**food-control** (food-control):" in report
+    assert "## Time and cost per stage" in report and "| total |" in report
+    for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (finished / img).exists(), img
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_rerun_skips_every_stage(finished):
+    before = (finished / "report.md").read_text()
+    r = cli("run", str(TINY), "--runs-dir", str(finished.parent))
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = json.loads((finished / "status.json").read_text())
+    assert set(status.values()) == {"skipped"}
+    assert (finished / "report.md").read_text() == before
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_run_loses_no_finished_stage_and_ends_the_same(finished, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [*CLI, "run", str(TINY), "--runs-dir", str(runs)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    # Kill the whole run (driver, Ray and its workers) once the first training has finished.
+    deadline = time.time() + 600
+    while not list((runs / "tiny").glob("*/*/COMPLETE")) or not any(
+        (runs / "tiny" / s).glob("*/COMPLETE") for s in ("original", "food-control")
+    ):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    marks = {p: p.stat().st_mtime for p in (runs / "tiny").glob("**/COMPLETE")}
+    assert marks
+    r = cli("run", str(TINY), "--runs-dir", str(runs))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for p, t in marks.items():  # finished stages were skipped, not redone
+        assert p.stat().st_mtime == t, p
+    status = json.loads((runs / "tiny" / "status.json").read_text())
+    assert "skipped" in status.values() and "done" in status.values()
+    # The same report as the uninterrupted run, apart from wall times.
+    def results(path):
+        text = path.read_text().split("## Time and cost per stage")[0]
+        return re.sub(r"wall \d+ s", "", text)
+
+    assert results(runs / "tiny" / "report.md") == results(finished / "report.md")
+    shutil.rmtree(runs, ignore_errors=True)
