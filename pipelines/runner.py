@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,8 +229,13 @@ class _Progress:
 
         self.todo, self.status, self.started = todo, status, started
         self.t0 = time.time()
-        self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2)
-        self.live.start()
+        self.console = Console(stderr=True)
+        self.seen: dict[str, str] = {}
+        # A live table on a terminal; one line per change of state in a log file.
+        self.live = None
+        if self.console.is_terminal:
+            self.live = Live(self._table(), console=self.console, refresh_per_second=2)
+            self.live.start()
 
     def _table(self):
         from rich.markup import escape
@@ -251,12 +257,23 @@ class _Progress:
             table.add_row(escape(u.key), f"[{style}]{shown}[/]" if style else shown, elapsed)
         return table
 
+    def _state(self, u: StageRun) -> str:
+        return self.status.get(u.key) or ("running" if u.key in self.started else "waiting")
+
     def update(self) -> None:
-        self.live.update(self._table())
+        if self.live is not None:
+            self.live.update(self._table())
+            return
+        for u in self.todo:
+            state = self._state(u)
+            if self.seen.get(u.key) != state and state != "waiting":
+                self.seen[u.key] = state
+                print(f"[{time.time() - self.t0:6.0f} s] {u.key}: {state}", file=sys.stderr)
 
     def close(self) -> None:
         self.update()
-        self.live.stop()
+        if self.live is not None:
+            self.live.stop()
 
 
 def model_refs(plan: Plan) -> list[str]:
