@@ -124,9 +124,10 @@ def _cost(plan: Plan, kind: str, metrics: dict, started: float, ended: float) ->
 def _remote_options(plan: Plan, kind: str) -> dict:
     if kind in ("train", "sweep"):
         return {"num_cpus": 0}  # a driver: its Ray Train workers hold the resources
+    cpus = plan.resources.cpus_per_worker  # also what torch's thread pool gets (OMP_NUM_THREADS)
     if plan.resources.use_gpu and kind != "data":
-        return {"num_cpus": 1, "num_gpus": 1}
-    return {"num_cpus": 1}
+        return {"num_cpus": cpus, "num_gpus": 1}
+    return {"num_cpus": cpus}
 
 
 @ray.remote(max_retries=0)
