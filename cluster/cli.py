@@ -386,7 +386,8 @@ def eval_detection(
     console.print(f"wrote metrics.json, scores.parquet and plots to {out}")
 
 
-stance_app = typer.Typer(help="Epistemic-stance track.", no_args_is_help=True)
+from cluster.cli_stance import app as stance_app  # noqa: E402 - train, weights, compare
+
 app.add_typer(stance_app, name="stance")
 
 
@@ -408,8 +409,10 @@ def stance_patterns(
 
 
 from cluster import cli_ray  # noqa: E402 - the Ray commands register on the same app
+from cluster.cli_evals import register_evals  # noqa: E402 - B2–B7 and Phase C
 
 cli_ray.register(app)
+register_evals(app, eval_app)
 
 
 def main() -> None:

@@ -90,8 +90,8 @@ def messages(example: DetectionExample, info_prompt: str | None = None) -> tuple
     return prefix, full
 
 
-def answer_token_ids(tokenizer, answer_tokens: tuple[str, str] = YES_NO) -> tuple[int, int]:
-    """The single token ids of the answer pair; fail loudly when one splits into several tokens."""
+def answer_token_ids(tokenizer, answer_tokens: tuple[str, ...] = YES_NO) -> tuple[int, ...]:
+    """The single token id of each answer; fail loudly when one splits into several tokens."""
     ids = []
     for text in answer_tokens:
         toks = tokenizer.encode(text, add_special_tokens=False)
@@ -100,7 +100,7 @@ def answer_token_ids(tokenizer, answer_tokens: tuple[str, str] = YES_NO) -> tupl
                 f"answer_tokens: {text!r} is {len(toks)} tokens for this tokenizer, need exactly 1"
             )
         ids.append(toks[0])
-    return ids[0], ids[1]
+    return tuple(ids)
 
 
 def build_prompt(

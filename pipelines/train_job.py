@@ -66,7 +66,11 @@ class TrainJob:
 def example_dataset(path: str, model: str, info_prompt: str | None = None) -> ray.data.Dataset:
     """Examples streamed from their file and tokenised in ``map_batches`` (tokenizer only)."""
     if str(path).endswith(".parquet"):
-        ds = ray.data.read_parquet(str(Path(path).resolve()) if "://" not in path else path)
+        # Light read tasks: a whole CPU each would wait behind training workers on a small box.
+        ds = ray.data.read_parquet(
+            str(Path(path).resolve()) if "://" not in path else path,
+            ray_remote_args={"num_cpus": 0.1},
+        )
     else:  # hand-made JSONL: validated and normalised on the driver, then distributed
         ds = ray.data.from_pandas(read_examples(path))
     # Light tasks (a fraction of a CPU): on a small cluster the training workers hold the CPUs

@@ -1,0 +1,343 @@
+"""B7 localisation probes: which layers, how strong, which sentence? (zero-shot or trained)
+
+A trial is a three-sentence user message and a fixed reply, read with a random unit vector added
+to ONE sentence's tokens, in one of the early/middle/late layer ranges
+(:func:`introspect.data.layer_ranges`), at one of three strengths (factors of the range's mean
+residual norm, measured on the base model). The injection is removed and one question is asked
+with multi-way answer tokens (" early"/" middle"/" late", " weak"/" medium"/" strong",
+" first"/" second"/" third"; each checked to be one token): the answer is the argmax of the K
+answer-token logits after the prefill "The answer is". Labels are balanced within each question,
+so chance is 1/3; accuracy gets a Wilson interval, and the confusion matrix shows a model that
+always gives one answer.
+
+The same trials train Phase C (:mod:`introspect.localize_train`), on the even-indexed sentences
+and the training rows of the vector set; B7 uses the odd-indexed sentences and held-out rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from introspect.data import layer_ranges
+from introspect.detection import DetectionExample, DetectionPrompt, build_prompt, messages
+from introspect.errors import IntrospectError
+from introspect.evals.common import (
+    answer_ids,
+    fmt_rate,
+    in_process,
+    load_model,
+    markdown_table,
+    parse_config,
+    positive,
+    rate,
+    read_resource,
+    score_choices,
+    write_outputs,
+)
+from introspect.models import LoadedModel
+from introspect.steering import Steering
+
+QUESTIONS = ("layers", "strength", "sentence")
+STRENGTHS = ("weak", "medium", "strong")
+FULL = {"n_per_question": 300}
+
+
+@dataclass
+class LocalizationConfig:
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    vectors: str | None = None  # random vector file; default random_vectors(d, 200, seed 42)
+    n_per_question: int = 30
+    questions: list[str] | None = None  # default all three
+    strength_factors: list[float] | None = None  # default from localization.json
+    seed: int = 1234
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        positive(self, "n_per_question", "batch_size")
+        bad = sorted(set(self.questions or []) - set(QUESTIONS))
+        if bad:
+            raise IntrospectError(f"questions: {bad[0]!r} is not one of {', '.join(QUESTIONS)}")
+        if self.strength_factors is not None and (
+            len(self.strength_factors) != 3 or any(f <= 0 for f in self.strength_factors)
+        ):
+            raise IntrospectError("strength_factors: need three numbers > 0 (weak, medium, strong)")
+
+
+def default_vectors(d_model: int, path: str | None = None, model: str = ""):
+    """The vector set trials draw from: a file, or the CLI's default random set (200, seed 42,
+    rows < 100 for training)."""
+    from introspect.vectors import VectorSet, load_vectors, random_vectors
+
+    if path:
+        return load_vectors(path, d_model)
+    return VectorSet(random_vectors(d_model, 200, 42), model, "random", 100, name="random")
+
+
+def norm_contexts(texts: dict) -> list[str]:
+    """Messages like the trials' (three sentences each) on which residual norms are measured."""
+    s = texts["sentences"]
+    return [" ".join(s[i : i + 3]) for i in range(0, len(s) - 2, 3)]
+
+
+def localization_trials(
+    n_layers: int,
+    norms: list[float],
+    vector_rows: range,
+    n_per_question: int,
+    split: str = "eval",
+    questions: list[str] | None = None,
+    strength_factors: list[float] | None = None,
+    seed: int = 0,
+    texts: dict | None = None,
+) -> pd.DataFrame:
+    """Balanced trials: for each question, ``n_per_question`` rows whose labels cycle through
+    the three classes; the other two factors, the sentences and the vector are drawn at random.
+
+    ``split`` picks the sentence pool: "train" the even-indexed sentences, "eval" the odd.
+    ``norms`` are the per-layer residual norms that turn strength factors into magnitudes.
+    """
+    texts = texts or read_resource("localization.json")
+    pool = texts["sentences"][0 if split == "train" else 1 :: 2]
+    if len(pool) < 3:
+        raise IntrospectError("sentences: need at least 3 sentences in each split")
+    if len(vector_rows) == 0:
+        raise IntrospectError(f"vectors: no rows for the {split} split")
+    factors = strength_factors or texts["strength_factors"]
+    ranges = list(layer_ranges(n_layers).items())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for question in questions or QUESTIONS:
+        for i in range(n_per_question):
+            # (layer range, strength, sentence): the asked-about one cycles, so labels are
+            # balanced; the other two are drawn
+            draws = [int(x) for x in rng.integers(3, size=3)]
+            label = draws[QUESTIONS.index(question)] = i % 3
+            r, m, k = draws
+            name, (start, end) = ranges[r]
+            sentences = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
+            rows.append(
+                {
+                    "key": f"{split}:{question}:{i}",
+                    "question": question,
+                    "label": label,
+                    "sentences": json.dumps(sentences),
+                    "steered_sentence": k,
+                    "layers": name,
+                    "layer_start": start,
+                    "layer_end": end,
+                    "strength": STRENGTHS[m],
+                    "factor": float(factors[m]),
+                    "magnitude": float(factors[m] * np.mean(norms[start:end])),
+                    "vector_idx": int(vector_rows[int(rng.integers(len(vector_rows)))]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def sentence_positions(
+    tokenizer, example: DetectionExample, sentences: list[str], k: int
+) -> tuple[int, int]:
+    """The token slice of sentence ``k`` in the prefix of ``example`` (whose context is the
+    sentences joined by spaces): every prefix token whose characters overlap the sentence."""
+    prefix_msgs, _ = messages(example)
+    prefix_text = tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
+    at = prefix_text.find(example.context_prompt)
+    if at < 0 or prefix_text.find(example.context_prompt, at + 1) >= 0:
+        raise IntrospectError("sentences: the context must appear exactly once in the prompt")
+    start = at + sum(len(s) + 1 for s in sentences[:k])
+    end = start + len(sentences[k])
+    enc = tokenizer(prefix_text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return tokens[0], tokens[-1] + 1
+
+
+def localization_prompts(
+    tokenizer, trials: pd.DataFrame, vectors: torch.Tensor, texts: dict | None = None
+) -> list[DetectionPrompt]:
+    """One steered prompt per trial: the vector added to the chosen sentence's tokens only."""
+    texts = texts or read_resource("localization.json")
+    out = []
+    for r in trials.itertuples():
+        q = texts["questions"][r.question]
+        sentences = json.loads(r.sentences)
+        example = DetectionExample(
+            context_prompt=" ".join(sentences),
+            assistant_response=texts["reply"],
+            detection_question=q["question"],
+            answer_tokens=tuple(q["answer_tokens"]),
+        )
+        prompt = build_prompt(tokenizer, example)
+        positions = sentence_positions(tokenizer, example, sentences, int(r.steered_sentence))
+        steering = Steering(
+            vectors[int(r.vector_idx)],
+            int(r.layer_start),
+            int(r.layer_end),
+            float(r.magnitude),
+            positions=positions,
+        )
+        ids = answer_ids(tokenizer, q["answer_tokens"])
+        out.append(replace(prompt, answer_ids=ids, steering=steering))
+    return out
+
+
+def score_localization(
+    lm: LoadedModel, shard: pd.DataFrame, vectors: torch.Tensor, batch_size: int = 16
+) -> pd.DataFrame:
+    """Per-shard function: ``key``, ``probs`` (the three answer probabilities), ``predicted``,
+    ``answer_mass``."""
+    prompts = localization_prompts(lm.tokenizer, shard, vectors)
+    probs, mass = score_choices(lm, prompts, batch_size)
+    return pd.DataFrame(
+        {
+            "key": shard["key"].to_numpy(),
+            "probs": probs,
+            "predicted": [int(np.argmax(p)) for p in probs],
+            "answer_mass": mass,
+        }
+    )
+
+
+def localization_metrics(results: pd.DataFrame) -> dict:
+    """Per question: accuracy (Wilson) against chance 1/3, the confusion matrix (rows = truth),
+    how often each answer is given, and the mean answer-token mass."""
+    out = {}
+    texts = read_resource("localization.json")
+    for question, df in results.groupby("question", sort=False):
+        confusion = np.zeros((3, 3), dtype=int)
+        for t, p in zip(df["label"], df["predicted"], strict=True):
+            confusion[int(t), int(p)] += 1
+        correct = int(np.trace(confusion))
+        out[question] = {
+            "answers": [a.strip() for a in texts["questions"][question]["answer_tokens"]],
+            "accuracy": rate(correct, len(df)),
+            "chance": 1 / 3,
+            "confusion": confusion.tolist(),
+            "answer_rates": (confusion.sum(0) / len(df)).tolist(),
+            "mean_answer_mass": float(df["answer_mass"].mean()),
+        }
+    return out
+
+
+def summary_markdown(metrics: dict, title: str, note: str = "", level: int = 3) -> str:
+    rows = []
+    for q, m in metrics.items():
+        lo = m["accuracy"]["ci"][0]
+        rows.append(
+            {
+                "question": q,
+                "n": m["accuracy"]["n"],
+                "accuracy [95% CI]": fmt_rate(m["accuracy"]),
+                "chance": "0.33",
+                "above chance": "yes" if lo > 1 / 3 else "no",
+                "answers given": ", ".join(
+                    f"{a} {r:.0%}" for a, r in zip(m["answers"], m["answer_rates"], strict=True)
+                ),
+                "answer mass": f"{m['mean_answer_mass']:.2f}",
+            }
+        )
+    return (
+        f"{'#' * level} {title}\n\n{note}"
+        "Accuracy = argmax of the three answer-token logits equals the truth; labels are "
+        "balanced, so chance is 1/3. 'Above chance' = the Wilson 95 % interval lies above 1/3. "
+        "'Answers given' shows a model that always picks one option.\n\n"
+        + markdown_table(rows, list(rows[0]))
+    )
+
+
+def plot(metrics: dict, path: Path, title: str) -> None:
+    """Accuracy per question with intervals and chance, and the confusion matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    qs = list(metrics)
+    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(3.6 * (len(qs) + 1), 3.6))
+    ax = axes[0]
+    vals = np.array([metrics[q]["accuracy"]["rate"] for q in qs])
+    lo = np.array([metrics[q]["accuracy"]["ci"][0] for q in qs])
+    hi = np.array([metrics[q]["accuracy"]["ci"][1] for q in qs])
+    ax.bar(qs, vals, yerr=np.vstack([vals - lo, hi - vals]).clip(min=0), capsize=4, color="C0")
+    ax.axhline(1 / 3, color="C3", ls="--", lw=1, label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.legend(fontsize=8)
+    for ax, q in zip(axes[1:], qs, strict=True):
+        c = np.array(metrics[q]["confusion"])
+        ax.imshow(c, cmap="Blues", vmin=0)
+        names = metrics[q]["answers"]
+        ax.set_xticks(range(3), names, fontsize=8)
+        ax.set_yticks(range(3), names, fontsize=8)
+        ax.set_xlabel("answered")
+        ax.set_ylabel("truth")
+        ax.set_title(q, fontsize=9)
+        for i in range(3):
+            for j in range(3):
+                ink = "white" if c[i, j] > c.max() / 2 else "black"
+                ax.text(j, i, str(c[i, j]), ha="center", va="center", color=ink, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_localization(
+    lm: LoadedModel, cfg: LocalizationConfig, norms: list[float] | None = None, mapper=None
+) -> tuple[pd.DataFrame, dict]:
+    """B7 on held-out vectors and the evaluation sentences: results table and metrics.
+
+    Norms are measured on ``lm`` (its base, adapter off) unless given; ``mapper`` (as in
+    :func:`introspect.evals.behavioral.run_behavioral`) runs the scoring."""
+    from introspect.activations import base_residual_norms
+
+    texts = read_resource("localization.json")
+    vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
+    if norms is None:
+        norms = base_residual_norms(lm, norm_contexts(texts))
+    rows = range(vs.n_train, vs.vectors.shape[0]) if vs.n_train < len(vs.vectors) else range(0)
+    trials = localization_trials(
+        lm.n_layers,
+        norms,
+        rows,
+        cfg.n_per_question,
+        "eval",
+        cfg.questions,
+        cfg.strength_factors,
+        cfg.seed,
+        texts,
+    )
+    scores = (mapper or in_process(lm))(
+        score_localization, trials, vectors=vs.vectors, batch_size=cfg.batch_size
+    )
+    results = trials.merge(scores, on="key")
+    return results, localization_metrics(results)
+
+
+def run_localization(
+    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+) -> dict:
+    """Plan stage (B7, zero-shot or on a trained adapter): trials, scores, metrics, files."""
+    cfg = parse_config(LocalizationConfig, config, FULL)
+    lm = lm or load_model(cfg)
+    results, per_question = evaluate_localization(lm, cfg, mapper=mapper)
+    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    metrics = {"questions": per_question, "config": asdict(cfg), "label": label}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"B7 localisation probes: {label}"
+    plot(per_question, out / "localization.png", title)
+    summary = (
+        summary_markdown(per_question, title, f"{cfg.n_per_question} trials per question. ")
+        + "\n![B7 accuracy and confusion matrices](localization.png)\n"
+    )
+    return write_outputs(out, metrics, summary, {"results.parquet": results})

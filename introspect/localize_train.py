@@ -1,0 +1,185 @@
+"""Phase C: train localisation (which layers, how strong, which sentence) with the detection loop.
+
+Training trials are B7's trials (:mod:`introspect.evals.localization`) drawn from the training
+sentences and the training rows of the vector set: each steers one sentence's tokens in one
+layer range at one strength and asks one of the three questions, with three single-token
+answers; the label is the index of the right answer. The detection training loop
+(:func:`introspect.train.train_prompts`) does cross-entropy over the three answer logits. The
+trained model is then evaluated with B7 on held-out vectors and held-out sentences, beside the
+base model's zero-shot B7 on the same trials.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from introspect.errors import IntrospectError
+from introspect.evals.common import (
+    load_model,
+    parse_config,
+    positive,
+    read_resource,
+    write_outputs,
+)
+from introspect.evals.localization import (
+    QUESTIONS,
+    LocalizationConfig,
+    default_vectors,
+    evaluate_localization,
+    localization_prompts,
+    localization_trials,
+    norm_contexts,
+    plot,
+    summary_markdown,
+)
+from introspect.models import LoadedModel
+
+FULL = {"n_train": 6000, "n_val": 300, "n_per_question": 300, "train": {"epochs": 2.0}}
+
+
+@dataclass
+class LocalizeTrainConfig:
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    vectors: str | None = None  # random vector file; default random_vectors(d, 200, seed 42)
+    questions: list[str] | None = None  # trained and evaluated; default all three
+    n_train: int = 720  # training trials, split evenly over the questions
+    n_val: int = 72
+    n_per_question: int = 30  # B7 evaluation trials per question
+    strength_factors: list[float] | None = None
+    eval_base: bool = True  # also B7 on the untrained model, on the same trials
+    train: dict = field(default_factory=dict)  # TrainConfig overrides
+    seed: int = 0
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        positive(self, "n_train", "n_val", "n_per_question", "batch_size")
+        LocalizationConfig(questions=self.questions).validate()
+
+
+def train_defaults() -> dict:
+    """Short-run settings for CPU (peak LR reached fast, frequent validation)."""
+    return {
+        "lr": 5e-4,
+        "warmup_steps": 10,
+        "eval_every": 15,
+        "save_every": 45,
+        "val_max_examples": 128,
+        "epochs": 1.0,
+    }
+
+
+def localization_data(
+    lm: LoadedModel, cfg: LocalizeTrainConfig, norms: list[float]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training and validation trials (training sentences, training vector rows)."""
+    vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
+    if vs.n_train < 1:
+        raise IntrospectError(f"vectors: '{vs.name}' has no training rows (n_train = 0)")
+    qs = cfg.questions or list(QUESTIONS)
+
+    def draw(n: int, seed: int) -> pd.DataFrame:
+        per_q = -(-n // len(qs))
+        return localization_trials(
+            lm.n_layers,
+            norms,
+            range(vs.n_train),
+            per_q,
+            "train",
+            qs,
+            cfg.strength_factors,
+            seed,
+        )
+
+    train = draw(cfg.n_train, cfg.seed).sample(frac=1.0, random_state=cfg.seed)
+    val = draw(cfg.n_val, cfg.seed + 10_000)
+    val["key"] = "val:" + val["key"]
+    return train.reset_index(drop=True), val
+
+
+def run_localization_training(
+    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None
+) -> dict:
+    """Plan stage (Phase C): data, base B7, training, trained B7, files (run in out/run)."""
+    from introspect import models
+    from introspect.activations import base_residual_norms
+    from introspect.train import preset, train_prompts
+
+    cfg = parse_config(LocalizeTrainConfig, config, FULL)
+    lm = lm or load_model(cfg)
+    out = Path(out_dir)
+    texts = read_resource("localization.json")
+    norms = base_residual_norms(lm, norm_contexts(texts))
+    eval_cfg = LocalizationConfig(
+        model=cfg.model,
+        vectors=cfg.vectors,
+        n_per_question=cfg.n_per_question,
+        questions=cfg.questions,
+        strength_factors=cfg.strength_factors,
+        batch_size=cfg.batch_size,
+    )
+    before = None
+    if cfg.eval_base:
+        _, before = evaluate_localization(lm, eval_cfg, norms)
+
+    train_df, val_df = localization_data(lm, cfg, norms)
+    vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
+    train_cfg = preset("original", **{**train_defaults(), "seed": cfg.seed, **cfg.train})
+    t0 = time.perf_counter()
+    result = train_prompts(
+        lm,
+        localization_prompts(lm.tokenizer, train_df, vs.vectors, texts),
+        train_df["label"].tolist(),
+        localization_prompts(lm.tokenizer, val_df, vs.vectors, texts),
+        val_df["label"].tolist(),
+        train_cfg,
+        out / "run",
+        resume=(out / "run").exists(),
+    )
+    train_s = time.perf_counter() - t0
+    # B7 on the best model by validation accuracy (as the detection runs are evaluated)
+    best = out / "run" / ("best" if (out / "run" / "best").is_dir() else "final")
+    trained = models.load(cfg.model, dtype=lm.model.dtype, device=lm.device, adapter=best)
+    results, after = evaluate_localization(trained, eval_cfg, norms)
+
+    title = f"Phase C localisation training: {cfg.model}"
+    plot(after, out / "localization_trained.png", f"B7 after Phase C training ({cfg.model})")
+    summary = (
+        f"### {title}\n\n"
+        f"LoRA trained on {len(train_df)} trials ({', '.join(cfg.questions or QUESTIONS)}; "
+        f"training sentences, vector rows < {vs.n_train}), {result.steps} steps in "
+        f"{train_s:.0f} s; best validation accuracy {result.best_val_accuracy:.3f} at step "
+        f"{result.best_step}, whose weights are evaluated with B7 on held-out sentences and "
+        f"vectors ({cfg.n_per_question} trials per question).\n\n"
+    )
+    if before is not None:
+        summary += summary_markdown(before, "B7 before training (zero-shot)", level=4) + "\n"
+        plot(before, out / "localization_base.png", f"B7 zero-shot ({cfg.model})")
+    summary += (
+        summary_markdown(after, "B7 after training (best checkpoint)", level=4)
+        + "\n![B7 after training](localization_trained.png)\n"
+    )
+    metrics = {
+        "before": before,
+        "after": after,
+        "training": {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_val_accuracy": result.best_val_accuracy,
+            "final_val_accuracy": result.final_val_accuracy,
+            "seconds": train_s,
+            "n_train": len(train_df),
+            "n_val": len(val_df),
+            "config": asdict(train_cfg),
+        },
+        "config": asdict(cfg),
+        "label": cfg.model,
+    }
+    return write_outputs(out, metrics, summary, {"results.parquet": results})

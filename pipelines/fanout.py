@@ -1,0 +1,235 @@
+"""Evaluation fan-out: a table split into shards, mapped over a ModelHost pool, merged by key.
+
+Shards are handed out dynamically (a host that finishes takes the next shard). Each shard runs
+``fn(lm, shard, *args, **kwargs)`` on a host through ``ModelHost.call``; ``fn`` must return a
+DataFrame holding the shard's key columns, one row per key. Shards are idempotent, so a shard
+whose host dies (actor died, node lost, result lost) is simply run again on another live host;
+results are merged by key, so a retried shard can neither duplicate nor drop rows.
+
+A host that died is probed in the background: Ray restarts it (``max_restarts``) and, once it
+answers again, it rejoins the pool. A host that hangs without dying is not detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import ray
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
+
+from introspect.errors import IntrospectError
+from introspect.examples import score_examples
+from introspect.vectors import VectorSet
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the host (or its node) went away", not "fn failed on these rows".
+HOST_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+
+
+class _AsIs:
+    def __repr__(self) -> str:
+        return "AS_IS"
+
+
+AS_IS = _AsIs()  # fan_out(adapter=AS_IS): run under whatever adapter each host has active
+
+
+def fan_out(
+    hosts: Sequence,
+    fn: Callable,
+    rows: pd.DataFrame,
+    key: str | list[str],
+    shard_size: int,
+    *args,
+    adapter: str | os.PathLike | None | _AsIs = AS_IS,
+    progress: bool = True,
+    max_shard_retries: int = 3,
+    revive_timeout_s: float = 120.0,
+    **kwargs,
+) -> pd.DataFrame:
+    """``fn(lm, shard, *args, **kwargs)`` over every shard of ``rows``, on a pool of ModelHosts.
+
+    Returns fn's rows for all shards, in the input order and with the input's index; every input
+    key appears exactly once. ``adapter`` pins the adapter each shard runs under (a name, a LoRA
+    directory, or None for the base); pin it whenever the pool switched adapters, since a host
+    restarted by Ray comes back with its constructor adapter. ``args``/``kwargs`` are put in the
+    object store once and shared by all shards. A shard is tried at most
+    ``1 + max_shard_retries`` times; when no host is left alive and none comes back within
+    ``revive_timeout_s`` the fan-out fails. Counts of shards and retries are in
+    ``result.attrs["fan_out"]``.
+    """
+    keys = [key] if isinstance(key, str) else list(key)
+    hosts = list(hosts)
+    _check(hosts, rows, keys, shard_size, max_shard_retries)
+    shards = [rows.iloc[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    args = [ray.put(a) for a in args]  # top-level refs are resolved by Ray before the call
+    kwargs = {k: ray.put(v) for k, v in kwargs.items()}
+
+    def submit(i: int, host):
+        if adapter is AS_IS:
+            call = host.call.options(max_task_retries=0)
+            return call.remote(fn, shards[i], *args, **kwargs)
+        call = host.call_as.options(max_task_retries=0)  # we retry, on another host
+        return call.remote(adapter, fn, shards[i], *args, **kwargs)
+
+    todo = deque(range(len(shards)))
+    idle = list(hosts)
+    running: dict = {}  # ref -> (shard, host)
+    probes: dict = {}  # ref -> host that died and may come back
+    failures: Counter = Counter()
+    results: dict[int, pd.DataFrame] = {}
+    stats = {"shards": len(shards), "hosts": len(hosts), "retries": 0, "revived": 0}
+    with _progress(progress, len(shards), getattr(fn, "__name__", "fn")) as advance:
+        while len(results) < len(shards):
+            while todo and idle:
+                i, host = todo.popleft(), idle.pop(0)
+                running[submit(i, host)] = (i, host)
+            if not running and not probes:
+                raise IntrospectError(
+                    f"hosts: all {len(hosts)} hosts died and cannot restart; "
+                    f"{len(todo)} of {len(shards)} shards not done"
+                )
+            wait_s = None if running else revive_timeout_s
+            ready, _ = ray.wait([*running, *probes], num_returns=1, timeout=wait_s)
+            if not ready:
+                raise IntrospectError(
+                    f"hosts: all {len(hosts)} hosts died and none came back within "
+                    f"{revive_timeout_s:.0f} s; {len(todo)} of {len(shards)} shards not done"
+                )
+            ref = ready[0]
+            if ref in probes:
+                host = probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except HOST_LOST:
+                    continue  # out of restarts: gone for good
+                idle.append(host)
+                stats["revived"] += 1
+                continue
+            i, host = running.pop(ref)
+            try:
+                out = ray.get(ref)
+            except HOST_LOST as e:
+                failures[i] += 1
+                stats["retries"] += 1
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if failures[i] > max_shard_retries:
+                    raise IntrospectError(
+                        f"max_shard_retries: shard {i} (rows {_span(shards[i])}) lost its host "
+                        f"{failures[i]} times; last: {reason}"
+                    ) from None
+                log.warning("shard %d lost its host (%s); retrying on another host", i, reason)
+                todo.appendleft(i)
+                # Ray restarts the host (same model); the probe returns once it answers again.
+                probes[host.info.options(max_task_retries=-1).remote()] = host
+                continue
+            except RayTaskError as e:
+                # fn itself failed: deterministic, so a retry would fail the same way.
+                if isinstance(e.cause, IntrospectError):
+                    raise IntrospectError(str(e.cause)) from None
+                raise
+            results[i] = _in_key_order(out, shards[i], keys, i)
+            idle.append(host)
+            advance(stats["retries"])
+
+    merged = pd.concat([results[i] for i in range(len(shards))])
+    merged.index = rows.index
+    if not pd.MultiIndex.from_frame(merged[keys]).equals(pd.MultiIndex.from_frame(rows[keys])):
+        raise RuntimeError("fan_out: merged keys differ from the input keys (a bug in fan_out)")
+    merged.attrs["fan_out"] = stats
+    return merged
+
+
+def score_on_pool(
+    hosts: Sequence,
+    examples: pd.DataFrame,
+    vector_sets: dict[str, VectorSet],
+    batch_size: int = 16,
+    shard_size: int = 64,
+    adapter: str | os.PathLike | None | _AsIs = AS_IS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """``introspect.examples.score_examples`` over a pool: the same table, rows in input order.
+
+    Rows are keyed by position, so the examples need no id column.
+    """
+    rows = examples.assign(_fan_out_row=range(len(examples)))
+    args = (score_examples, rows, "_fan_out_row", shard_size, vector_sets, batch_size)
+    scores = fan_out(hosts, *args, adapter=adapter, progress=progress)
+    return scores.drop(columns="_fan_out_row")
+
+
+def _check(hosts, rows, keys, shard_size, max_shard_retries) -> None:
+    if not hosts:
+        raise IntrospectError("hosts: the pool is empty; start hosts with actors.host_pool(...)")
+    if not isinstance(rows, pd.DataFrame) or rows.empty:
+        raise IntrospectError("rows: nothing to evaluate (an empty or non-DataFrame table)")
+    if shard_size < 1:
+        raise IntrospectError(f"shard_size: {shard_size} must be >= 1")
+    if max_shard_retries < 0:
+        raise IntrospectError(f"max_shard_retries: {max_shard_retries} must be >= 0")
+    missing = [k for k in keys if k not in rows.columns]
+    if not keys or missing:
+        raise IntrospectError(
+            f"key: {missing or 'no column'} is not a column of the rows "
+            f"(columns: {', '.join(map(str, rows.columns))})"
+        )
+    repeated = rows.duplicated(keys)
+    if repeated.any():
+        raise IntrospectError(
+            f"key: {keys} is not unique ({int(repeated.sum())} rows repeat a key); "
+            "add a unique id column and use it as the key"
+        )
+
+
+def _in_key_order(out, shard: pd.DataFrame, keys: list[str], i: int) -> pd.DataFrame:
+    """fn's result for one shard, checked to hold each of the shard's keys once, in its order."""
+    if not isinstance(out, pd.DataFrame) or any(k not in out.columns for k in keys):
+        raise IntrospectError(
+            f"fn: shard {i} returned {type(out).__name__} without the key columns {keys}; "
+            "fn must return a DataFrame that keeps them"
+        )
+    want = pd.MultiIndex.from_frame(shard[keys])
+    got = pd.MultiIndex.from_frame(out[keys])
+    pos = got.get_indexer(want) if got.is_unique else None
+    if pos is None or len(got) != len(want) or (pos < 0).any():
+        raise IntrospectError(
+            f"fn: shard {i} returned {len(got)} rows whose keys are not its {len(want)} keys "
+            "exactly once"
+        )
+    return out.iloc[pos]
+
+
+def _span(shard: pd.DataFrame) -> str:
+    return f"{shard.index[0]}..{shard.index[-1]}"
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, name: str):
+    """Yield ``advance(retries)``: one shard done. A rich bar when enabled, else a no-op."""
+    if not enabled:
+        yield lambda retries: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(f"fan-out {name}", total=total)
+
+        def advance(retries: int) -> None:
+            suffix = f" ({retries} retried)" if retries else ""
+            bar.update(task, advance=1, description=f"fan-out {name}{suffix}")
+
+        yield advance
