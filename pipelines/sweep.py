@@ -47,6 +47,16 @@ class Sweep:
             raise IntrospectError("method: a rank sweep needs method 'lora'")
 
 
+def _concurrency(job: TrainJob) -> int:
+    """One trial per GPU's worth of workers; one at a time on a CPU-only cluster.
+
+    On a 2-CPU local Ray, a second concurrent trial was seen to wait forever after the first
+    finished (Ray 2.60; cause not found yet), and CPU-bound trials gain nothing from sharing
+    the same cores anyway.
+    """
+    return job_capacity(job) if job.use_gpu else 1
+
+
 def _trial(params: dict, sweep: Sweep, out: str) -> None:
     """One Tune trial: a whole training job with this trial's rank and learning rate."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -88,7 +98,7 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
             mode="min",
             scheduler=scheduler,
             num_samples=samples,
-            max_concurrent_trials=sweep.max_concurrent or job_capacity(sweep.job),
+            max_concurrent_trials=sweep.max_concurrent or _concurrency(sweep.job),
         ),
         run_config=tune.RunConfig(
             name=f"{sweep.job.name}-tune", storage_path=str(out / "tune"), verbose=0

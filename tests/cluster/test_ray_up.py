@@ -1,0 +1,159 @@
+"""`ray up ray_cluster.yaml` for real: two hosts in network namespaces, real sshd, token auth.
+
+One cluster for the module (scripts/cluster_harness.py builds it; see its docstring for the
+hosts). The tests run in file order, because each step needs the one before: the cluster
+comes up, jobs run through the SSH tunnel with and without the token, the plan is submitted,
+the worker is killed mid-job, then `ray down` and a check that nothing of ours is left.
+
+The plan submitted is tests/plans/tiny.yaml, the reduced variant of plans/quickstart.yaml
+(tiny-random, the same kinds of stage). The full quickstart takes ~15 minutes on 2 free
+cores, over this test's time budget; INTROSPECT_CLUSTER_PLAN=plans/quickstart.yaml runs it.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+ch = sys.modules.get("cluster_harness")  # tests/test_ray_cluster_yaml.py may have loaded it
+if ch is None:
+    _spec = importlib.util.spec_from_file_location(
+        "cluster_harness", REPO / "scripts" / "cluster_harness.py"
+    )
+    ch = importlib.util.module_from_spec(_spec)
+    sys.modules["cluster_harness"] = ch  # dataclasses look their module up
+    _spec.loader.exec_module(ch)
+
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.fail("the cluster test needs root (namespaces, sshd); run it as root")
+    t0 = time.time()
+    h = ch.Harness()
+    try:
+        h.start()
+        TIMINGS["hosts_s"] = round(time.time() - t0, 1)
+        h.make_token()
+        h.ray_up()
+        TIMINGS.update(h.timings)
+        with h.tunnel():
+            yield h
+    finally:
+        h.cleanup()
+        TIMINGS["total_s"] = round(time.time() - t0, 1)
+        print("\ncluster test timings:", json.dumps(TIMINGS))
+
+
+def test_the_config_is_ray_cluster_yaml_with_only_ips_user_and_key_changed(cluster):
+    # derive_config touching nothing else is checked in tests/test_ray_cluster_yaml.py.
+    base = yaml.safe_load(ch.CONFIG.read_text())
+    used = yaml.safe_load((cluster.work / "cluster.yaml").read_text())
+    assert used == ch.derive_config(base, ch.HEAD_IP, [ch.WORKER_IP], "root", str(cluster.key))
+
+
+def test_both_hosts_join_the_cluster(cluster):
+    TIMINGS["both_nodes_s"] = cluster.wait_nodes(2, timeout=300)
+    assert cluster.alive_nodes() == [ch.HEAD_IP, ch.WORKER_IP]
+
+
+def test_dashboard_and_job_api_listen_on_loopback_only(cluster):
+    on_8265 = [a for a in cluster.listening("head") if a.endswith(":8265")]
+    assert on_8265 == ["127.0.0.1:8265"]
+    probe = f"import socket; socket.create_connection(('{ch.HEAD_IP}', 8265), timeout=5)"
+    r = cluster.on("laptop", ["python", "-c", probe], check=False)
+    assert r.returncode != 0 and "Connection refused" in r.stderr
+
+
+def test_the_gcs_port_is_open_but_refuses_a_client_without_the_token(cluster):
+    address = f"{ch.HEAD_IP}:6379"
+    refused = cluster.on("laptop", ["ray", "status", "--address", address], timeout=180,
+                         check=False, RAY_AUTH_MODE="disabled")
+    assert refused.returncode != 0
+    assert "InvalidAuthToken" in refused.stdout + refused.stderr
+    ok = cluster.on("laptop", ["ray", "status", "--address", address], timeout=180,
+                    check=False, RAY_AUTH_MODE="token")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_job_with_the_token_runs_the_project_on_both_nodes(cluster):
+    t = time.time()
+    r = cluster.submit(ch.SMOKE_JOB)
+    TIMINGS["smoke_job_s"] = round(time.time() - t, 1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = ch.report(r.stdout)
+    assert sorted(n["ip"] for n in report["nodes"]) == [ch.HEAD_IP, ch.WORKER_IP]
+    # Same seed on both nodes: the project's CLI ran on each and wrote identical vectors.
+    assert len({n["sha256"] for n in report["nodes"]}) == 1
+
+
+def test_a_job_without_the_token_or_with_a_wrong_one_is_refused(cluster):
+    listed = cluster.on("laptop", ["ray", "job", "list", "--address", ch.DASHBOARD],
+                        check=False, RAY_AUTH_MODE="token")
+    before = listed.stdout.count("submission_id=")
+    r = cluster.submit(ch.SMOKE_JOB, token=False)
+    assert r.returncode != 0
+    assert "Unauthorized: Missing authentication token" in r.stdout + r.stderr
+    wrong = cluster.on("laptop", ["ray", "job", "list", "--address", ch.DASHBOARD], check=False,
+                       RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
+    assert wrong.returncode != 0
+    assert "Forbidden: Invalid authentication token" in wrong.stdout + wrong.stderr
+    # The server refuses it, not just our client: a bare HTTP POST without a token gets 401.
+    post = ("import urllib.request as u, urllib.error as e\n"
+            f"req = u.Request('{ch.DASHBOARD}/api/jobs/', data=b'{{\"entrypoint\": \"true\"}}')\n"
+            "try:\n    print(u.urlopen(req).status)\n"
+            "except e.HTTPError as x:\n    print(x.code)\n")
+    assert cluster.on("laptop", ["python", "-c", post]).stdout.strip() == "401"
+    after = cluster.on("laptop", ["ray", "job", "list", "--address", ch.DASHBOARD],
+                       check=False, RAY_AUTH_MODE="token").stdout.count("submission_id=")
+    assert after == before  # no job was created by any refused request
+
+
+def test_the_plan_submitted_with_introspect_submit_succeeds_and_its_report_comes_back(cluster):
+    t = time.time()
+    r = cluster.submit_plan(ch.PLAN)
+    TIMINGS["plan_job_s"] = round(time.time() - t, 1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    name = yaml.safe_load((REPO / ch.PLAN).read_text())["name"]
+    local = cluster.work / "report.md"
+    cluster.rsync_down(f"~/introspect-runs/{name}/report.md", local)
+    text = local.read_text()
+    assert text.startswith(f"# {name}: report")
+    assert "## B1 detection across models" in text
+
+
+def test_a_worker_lost_mid_job_the_job_completes_and_the_worker_returns(cluster):
+    out = cluster.worker_loss(tasks=24, seconds=6.0)
+    TIMINGS["worker_loss_job_s_after_kill"] = out["job_s_after_kill"]
+    TIMINGS["worker_back_s"] = out["worker_back_s"]
+    print("worker loss:", json.dumps(out))
+    assert out["status"] == "SUCCEEDED", out
+    done = sorted(t["i"] for t in out["report"]["tasks"])
+    assert done == list(range(24))  # every task's result exactly once
+    assert out["report"]["retried"] >= 1  # the kill hit running tasks; Ray re-ran them
+    assert cluster.alive_nodes() == [ch.HEAD_IP, ch.WORKER_IP]
+
+
+def test_ray_down_stops_ray_and_cleanup_leaves_nothing_behind(cluster):
+    r = cluster.ray_down()
+    assert r.returncode == 0
+    assert cluster.on("head", ["pgrep", "-f", "raylet"], check=False).stdout == ""
+    # `ray down` on a local provider runs `ray stop` on the head only; the worker's raylet
+    # exits by itself once the GCS is gone.
+    t = time.time()
+    while cluster.on("worker", ["pgrep", "-f", "raylet"], check=False).stdout:
+        assert time.time() - t < 180, "worker raylet still running 3 min after ray down"
+        time.sleep(5)
+    TIMINGS["worker_ray_gone_after_down_s"] = round(time.time() - t, 1)
+    cluster.cleanup()
+    assert cluster.leftovers() == []
