@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Tests and the demo never touch a model hub: make any attempt fail loudly instead.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-cluster lint bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 
 test: install
 	$(OFFLINE) $(VENV)/bin/pytest -q -rs --durations=10
+
+# Real `ray up` of ray_cluster.yaml on two network-namespace hosts with sshd, token auth and
+# an SSH tunnel (docs/cluster.md). Needs root and Linux; ~10-15 min; not part of `make test`.
+test-cluster: install
+	$(OFFLINE) $(VENV)/bin/pytest -q -rs -s -m cluster tests/cluster --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .
