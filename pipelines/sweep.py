@@ -19,7 +19,7 @@ from ray import tune
 from introspect.errors import IntrospectError
 from introspect.tables import markdown_table
 from pipelines.concurrent import job_capacity
-from pipelines.train_job import TrainJob, run_train_job
+from pipelines.train_job import TrainJob, job_datasets, run_train_job
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _concurrency(job: TrainJob) -> int:
     return job_capacity(job) if job.use_gpu else 1
 
 
-def _trial(params: dict, sweep: Sweep, out: str) -> None:
+def _trial(params: dict, sweep: Sweep, out: str, datasets: dict) -> None:
     """One Tune trial: a whole training job with this trial's rank and learning rate."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -67,7 +67,9 @@ def _trial(params: dict, sweep: Sweep, out: str) -> None:
     # Every report must carry the metric ASHA reads: evaluate at every checkpoint.
     config = replace(config, save_every=config.eval_every)
     job = replace(sweep.job, name=name, config=config)
-    run_train_job(job, Path(out) / "trials" / name, callbacks=[TuneReportCallback()])
+    run_train_job(
+        job, Path(out) / "trials" / name, callbacks=[TuneReportCallback()], datasets=datasets
+    )
 
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
@@ -88,7 +90,8 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
     )
     # The driver function itself only waits on its trainer: it takes almost no CPU.
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep=sweep, out=str(out)), {"CPU": 0.01}
+        tune.with_parameters(_trial, sweep=sweep, out=str(out), datasets=job_datasets(sweep.job)),
+        {"CPU": 0.01},
     )
     tuner = tune.Tuner(
         trainable,

@@ -189,7 +189,29 @@ def train_loop_per_worker(cfg: dict) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None = None) -> dict:
+def job_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
+    """The job's training and validation sets, read and tokenised now (materialised).
+
+    Up front, because on a small cluster, jobs running side by side can hold every CPU while a
+    later job's data still needs a slice of one to stream; and because tasks started inside a
+    Tune trial are confined to the trial's tiny placement group, a sweep tokenises on its driver
+    and hands the result to every trial.
+    """
+    from introspect.data import default_prompts
+
+    info = default_prompts()["info_prompt"] if job.config.info_prompt else None
+    return {
+        "train": example_dataset(job.train_data, job.model, info).materialize(),
+        "val": example_dataset(job.val_data, job.model, info).materialize(),
+    }
+
+
+def run_train_job(
+    job: TrainJob,
+    out: str | os.PathLike,
+    callbacks: list | None = None,
+    datasets: dict[str, ray.data.Dataset] | None = None,
+) -> dict:
     """Run ``job`` on the connected Ray cluster; copy the finished run into ``out``.
 
     Returns the run's metrics (``metrics.json``) plus wall time and worker-hours.
@@ -198,15 +220,7 @@ def run_train_job(job: TrainJob, out: str | os.PathLike, callbacks: list | None 
     out = Path(out)
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    from introspect.data import default_prompts
-
-    info = default_prompts()["info_prompt"] if job.config.info_prompt else None
-    # Tokenised up front: on a small cluster, jobs running side by side can hold every CPU
-    # while a later job's data still needs a slice of one to stream.
-    datasets = {
-        "train": example_dataset(job.train_data, job.model, info).materialize(),
-        "val": example_dataset(job.val_data, job.model, info).materialize(),
-    }
+    datasets = datasets or job_datasets(job)
     storage = job.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
