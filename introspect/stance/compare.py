@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from introspect import models
@@ -52,22 +53,24 @@ DEFAULT_RUNS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "lr": 3e-4},
     "surgical_lora": {"method": "surgical_lora", "lr": 3e-4},
     "selective": {"method": "selective", "lr": 1e-4},
-    "dpo": {"kind": "dpo", "method": "lora", "lr": 1e-4, "beta": 0.1},
+    "dpo": {"kind": "dpo", "method": "lora", "lr": 1e-4, "beta": 0.1, "batch_size": 2},
 }
 
 
 @dataclass
 class CompareConfig:
-    """Settings of one comparison; ``runs`` maps a run name to its kind and method settings."""
+    """Settings of one comparison. ``runs`` maps a run name to ``kind`` (sft / dpo) and the
+    fields of :class:`SFTRunConfig` / :class:`DPORunConfig`; given, it replaces the default five.
+    ``max_steps``, ``batch_size``, ``warmup_ratio`` and ``seed`` are defaults for every run."""
 
     model: str = "smollm2-135m"
     sft_corpus: str | None = None  # JSONL / seed JSON; None: the shipped sft.jsonl
     pairs_corpus: str | None = None  # None: the shipped pairs.jsonl
     eval_questions: str | None = None  # None: the shipped eval.jsonl
     runs: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RUNS))
-    max_steps: int = 16  # defaults for every run (a run may set its own)
+    max_steps: int = 24  # defaults for every run (a run may set its own)
     batch_size: int = 4
-    warmup_ratio: float = 0.0  # HF's warm-up starts at lr 0; a 16-step run cannot spare steps
+    warmup_ratio: float = 0.0  # HF's warm-up starts at lr 0; short runs cannot spare steps
     seed: int = 0
     max_new_tokens: int = 40
     gen_batch_size: int = 32
@@ -173,6 +176,15 @@ def _weights(base, tuned, out: Path, title: str) -> tuple[dict, pd.DataFrame, di
         layer = layer_index(module)
         if layer is not None:
             d_sq[layer] += fro**2
+    # Adam moves every entry by roughly the learning rate, whatever the gradient's size: when
+    # RMS(ΔW) is about equal across modules, ‖ΔW‖/‖W‖ just ranks matrices by 1/RMS(W).
+    rms_delta = df["frobenius"] / np.sqrt(df["params"])
+    rms_w = df["frobenius"] / df["relative"] / np.sqrt(df["params"])
+    scale = {"rms_delta_cv": None, "corr_relative_inv_rms_w": None}
+    if len(df) > 2:
+        scale["rms_delta_cv"] = float(rms_delta.std() / rms_delta.mean())
+        corr = float(np.corrcoef(np.log(df["relative"]), -np.log(rms_w))[0, 1])
+        scale["corr_relative_inv_rms_w"] = corr if np.isfinite(corr) else None  # constant input
     top = df.head(5)[["module", "relative", "stable_rank", "effective_rank"]]
     summary = {
         "modules_changed": len(df),
@@ -181,6 +193,7 @@ def _weights(base, tuned, out: Path, title: str) -> tuple[dict, pd.DataFrame, di
         "median_stable_rank": float(df["stable_rank"].median()) if len(df) else 0.0,
         "median_effective_rank": float(df["effective_rank"].median()) if len(df) else 0.0,
         "layer_relative": {str(k): (d_sq[k] / w_sq[k]) ** 0.5 for k in sorted(w_sq)},
+        **scale,
     }
     return summary, df, deltas
 
@@ -194,6 +207,7 @@ def _checkpoints(base_lm, tuned, deltas, df, config: CompareConfig, questions, o
             "k": 0,
             "modules": 0,
             "bytes": 0,
+            "has_lm_head": False,
             "kl_to_tuned": next_token_kl(tuned, base_lm.model, tok, prompts),
         }
     ]
@@ -207,6 +221,7 @@ def _checkpoints(base_lm, tuned, deltas, df, config: CompareConfig, questions, o
                 "k": k,
                 "modules": len(manifest["modules"]),
                 "bytes": manifest["total_bytes"],
+                "has_lm_head": any(m["name"] == "lm_head" for m in manifest["modules"]),
                 "kl_to_tuned": next_token_kl(tuned, patched, tok, prompts),
                 "path": str(path.relative_to(out.parent)),
             }
@@ -290,7 +305,7 @@ def run_stance_comparison(config: dict, out_dir: str | os.PathLike) -> dict:
     writing ``metrics.json``, ``summary.md`` and PNGs into ``out_dir``. Returns the metrics."""
     from introspect.stance.report import write_report
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = parse_config(CompareConfig, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +333,7 @@ def run_stance_comparison(config: dict, out_dir: str | os.PathLike) -> dict:
         "base": {k: v for k, v in base.items() if k != "rows"},
         "runs": results,
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
     }
     write_report(metrics, cfg, out)
     _write_json(out / "metrics.json", metrics)

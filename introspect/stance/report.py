@@ -205,6 +205,7 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
         spikes = ", ".join(map(str, st["spikes"])) or "none"
         max_gn = max((x.get("grad_norm", 0.0) for x in r["log"]), default=0.0)
         share = r["trainable_params"] / r["total_params"]
+        cpu = r.get("train_cpu_seconds", 0.0)
         train_rows.append(
             {
                 "run": name,
@@ -212,7 +213,7 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
                 "lr": f"{r['lr']:g}",
                 "trainable params": f"{r['trainable_params']:,} ({share:.2%})",
                 "steps": r["steps"],
-                "train time": f"{r['train_seconds']:.0f} s",
+                "train time (CPU)": f"{r['train_seconds']:.0f} s ({cpu:.0f} s)",
                 "loss first → final": f"{st['first']:.3f} → {st['final']:.3f}",
                 "spikes (steps)": spikes,
                 "max grad norm": f"{max_gn:.2f}",
@@ -248,6 +249,8 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
                 "median stable rank": f"{w['median_stable_rank']:.1f}",
                 "median effective rank": f"{w['median_effective_rank']:.1f}",
                 "largest change": f"{top['module']} ({top['relative']:.2e})" if top else "none",
+                "RMS(ΔW) CV": _frac(w.get("rms_delta_cv")),
+                "corr(log rel., −log RMS(W))": _frac(w.get("corr_relative_inv_rms_w")),
             }
         )
 
@@ -258,10 +261,14 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
         "loss on the answer tokens only. Before/after behaviour: greedy answers "
         f"(≤ {config.max_new_tokens} new tokens) to the same {c['eval_questions']} held-out "
         "questions, classified by the stance-pattern regexes; counts in parentheses. Intervals "
-        f"are 95 % Wilson intervals. Wall time of this stage: {metrics['seconds'] / 60:.1f} min.\n",
+        f"are 95 % Wilson intervals. Wall time of this stage: {metrics['seconds'] / 60:.1f} min "
+        f"(CPU time {metrics.get('cpu_seconds', 0) / 60:.1f} min; on a shared machine only CPU "
+        "times compare between runs).\n",
         "#### Training\n",
         markdown_table(train_rows, list(train_rows[0])),
-        "A spike is a step whose loss exceeds 1.5× the median of the five steps before it.\n",
+        "A spike is a step whose loss exceeds 1.5× the median of the five steps before it. Runs "
+        "of one kind see the same batches in the same order (same seed), so ups and downs shared "
+        "by every curve are batch difficulty, not instability.\n",
         "![training loss](loss_curves.png)\n",
         "#### Behaviour before/after\n",
         markdown_table(beh_rows, list(beh_rows[0])),
@@ -275,7 +282,12 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
         _example(metrics, out),
         "#### Where the weights changed\n",
         markdown_table(weight_rows, list(weight_rows[0])),
-        "Ranks are of ΔW per module (LoRA: the merged scaling·B·A, so at most r). "
+        "Ranks are of ΔW per module (LoRA: the merged scaling·B·A, so at most r). A caution on "
+        "reading these rankings: Adam moves every entry by about the learning rate whatever the "
+        "gradient's size, so after a few steps RMS(ΔW) is nearly the same in every trained "
+        "module (small CV) and ‖ΔW‖/‖W‖ then mostly ranks matrices by how small their entries "
+        "are (correlation near 1). Where that holds, the largest relative change says where the "
+        "weights are small, not where the stance is stored.\n",
         "![relative change per layer](layer_changes.png)\n",
         *[f"![{n} weight changes]({n}/weight_changes.png)\n" for n in runs],
     ]
@@ -294,6 +306,7 @@ def _checkpoint_section(runs: dict) -> str:
             {
                 "top-k modules": "base (k = 0)" if r["k"] == 0 else r["modules"],
                 "size": _mib(r["bytes"]) if r["bytes"] else "0",
+                "holds lm_head": "yes" if r.get("has_lm_head") else "no",
                 f"mean next-token KL({name} ‖ checkpoint)": f"{r['kl_to_tuned']:.3g}",
             }
             for r in lc["rows"]
@@ -301,7 +314,8 @@ def _checkpoint_section(runs: dict) -> str:
         out.append(
             f"Top-k modules of {name} by ‖ΔW‖/‖W‖, their ΔW added onto the base; KL over every "
             f"position of {lc['prompts']} held-out prompts. Norm weights are not linear modules "
-            "and are not in any checkpoint.\n"
+            "and are not in any checkpoint. lm_head shares its weight with the token embedding, "
+            "so a checkpoint holding it is large and also changes the embedding.\n"
         )
         out.append(markdown_table(rows, list(rows[0])))
     return "\n".join(out)

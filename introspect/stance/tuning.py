@@ -240,6 +240,7 @@ class TuneResult:
     trainable_params: int
     total_params: int
     train_seconds: float
+    train_cpu_seconds: float
     log: list[dict]
     artifact_dir: str
     artifact_bytes: int
@@ -310,18 +311,34 @@ def run_trainer(
         config.max_steps,
         trainable,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    # CPU time of all threads: comparable between runs on a shared machine, wall time is not.
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     lm.model = model
     log = step_log(trainer.state.log_history)
     art = out_dir / "artifact"
     size = save_artifact(lm, config, art, kind, snapshot)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # TRL's empty output_dir
-    logger.info("%s %s: trained in %.0f s, artifact %d bytes", kind, config.method, seconds, size)
+    logger.info(
+        "%s %s: trained in %.0f s (%.0f CPU s), artifact %d bytes",
+        kind,
+        config.method,
+        seconds,
+        cpu,
+        size,
+    )
     result = TuneResult(
-        config.method, trainer.state.global_step, trainable, total, seconds, log, str(art), size
+        method=config.method,
+        steps=trainer.state.global_step,
+        trainable_params=trainable,
+        total_params=total,
+        train_seconds=seconds,
+        train_cpu_seconds=cpu,
+        log=log,
+        artifact_dir=str(art),
+        artifact_bytes=size,
     )
     _write(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     _write(
