@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cluster.cli_evals import Hosts, hosts_mapper
+from cluster.cli_ray import Address
 from introspect.errors import IntrospectError
 
 app = typer.Typer(
@@ -318,52 +320,33 @@ def eval_detection(
     dtype: Annotated[
         str | None, typer.Option(help="float32 / bfloat16 (default by device)")
     ] = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B1: accuracy, TPR, FPR, d′, AUROC with intervals per tier; plots."""
+    from contextlib import nullcontext
+
     from rich.table import Table
 
-    from introspect.activations import base_residual_norms
-    from introspect.data import default_prompts
-    from introspect.evals.detection import (
-        detection_trials,
-        evaluate_detection,
-        write_detection_eval,
-    )
-    from introspect.vectors import load_vectors
+    from introspect.evals.detection import run_detection
 
-    lm = _load_evaluated(model, adapter, dtype)
-    random_vs = load_vectors(vectors, lm.d_model)
-    concept_vs = load_vectors(concepts, lm.d_model) if concepts else None
-    texts = default_prompts()
-    norms = (
-        base_residual_norms(lm, texts["context_prompts"]) if magnitude_mode == "relative" else None
-    )
-    trials = detection_trials(
-        lm.n_layers,
-        random_vs,
-        concept_vs,
-        n_per_tier,
-        _floats(magnitudes, "magnitudes"),
-        magnitude_mode,
-        norms,
-        food,
-        seed,
-        texts,
-    )
-    sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
-    info = texts["info_prompt"] if info_prompt else None
-    scores, metrics = evaluate_detection(lm, trials, sets, batch_size, info, progress=True)
-    metrics.update(
-        model=model,
-        adapter=str(adapter) if adapter else None,
-        label=str(adapter or model),
-        n_per_tier=n_per_tier,
-        magnitudes=_floats(magnitudes, "magnitudes"),
-        magnitude_mode=magnitude_mode,
-        seed=seed,
-        info_prompt=info_prompt,
-    )
-    write_detection_eval(out, scores, metrics, lm.n_layers)
+    config = {
+        "model": model,
+        "vectors": str(vectors),
+        "adapter": str(adapter) if adapter else None,
+        "concepts": str(concepts) if concepts else None,
+        "n_per_tier": n_per_tier,
+        "magnitudes": _floats(magnitudes, "magnitudes"),
+        "magnitude_mode": magnitude_mode,
+        "food": food,
+        "info_prompt": info_prompt,
+        "batch_size": batch_size,
+        "seed": seed,
+        "dtype": dtype,
+    }
+    pool = hosts_mapper(model, adapter, dtype, hosts, address) if hosts else nullcontext()
+    with pool as mapper:
+        metrics = run_detection(config, out, progress=True, mapper=mapper)
 
     shown = Table(title=f"B1 detection: {adapter or model}")
     for col in ("tier", "accuracy", "TPR", "FPR", "d′", "AUROC", "n s/u"):
@@ -383,7 +366,7 @@ def eval_detection(
             f"{m['n_steered']}/{m['n_unsteered']}",
         )
     Console().print(shown)
-    console.print(f"wrote metrics.json, scores.parquet and plots to {out}")
+    console.print(f"wrote metrics.json, summary.md, scores.parquet and plots to {out}")
 
 
 from cluster.cli_stance import app as stance_app  # noqa: E402 - train, weights, compare

@@ -2,15 +2,19 @@
 
 Registered on the ``eval`` group of :mod:`cluster.cli` by :func:`register_evals`. Each command
 turns its options into the plan-stage config dict (options left out keep the stage's defaults,
-or its ``--full`` values) and calls the stage's ``run_*`` function with the loaded model.
+or its ``--full`` values) and calls the stage's ``run_*`` function with the loaded model, or
+with ``--hosts N`` through a pool of N model hosts on Ray (``--address``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from cluster.cli_ray import Address
 
 Model = Annotated[str, typer.Option("--model", help="Hugging Face id, local dir, or alias")]
 Out = Annotated[Path, typer.Option("--out", help="output directory")]
@@ -19,6 +23,10 @@ Full = Annotated[bool, typer.Option("--full", help="the real-run sizes instead o
 Dtype = Annotated[str | None, typer.Option(help="float32 / bfloat16 (default by device)")]
 Seed = Annotated[int | None, typer.Option(help="random seed")]
 BatchSize = Annotated[int | None, typer.Option(help="batch size")]
+Hosts = Annotated[
+    int | None,
+    typer.Option(min=1, help="run on a pool of N model hosts on Ray (default: in this process)"),
+]
 
 
 def _config(model: str, adapter: Path | None, full: bool, **options) -> dict:
@@ -28,9 +36,36 @@ def _config(model: str, adapter: Path | None, full: bool, **options) -> dict:
     return config
 
 
-def _run(run, config: dict, out: Path, adapter: Path | None, dtype: str | None) -> dict:
+@contextmanager
+def hosts_mapper(model: str, adapter: Path | None, dtype: str | None, hosts: int, address):
+    """A mapper over a pool of ``hosts`` ModelHosts of ``model`` (under ``adapter``) on the Ray
+    at ``address``; the pool is closed on exit."""
+    from cluster.cli import console
+    from cluster.connect import connect
+    from pipelines.fanout import eval_pool, pool_adapter, pool_mapper
+
+    lora = pool_adapter(model, adapter)  # refuse a non-adapter before starting anything
+    where = connect(address)
+    with console.status(f"loading {model} on {hosts} hosts ({where})"):
+        pool = eval_pool(model, hosts, lora, dtype=dtype)
+    with pool:
+        yield pool_mapper(pool, lora)
+
+
+def _run(
+    run,
+    config: dict,
+    out: Path,
+    adapter: Path | None,
+    dtype: str | None,
+    hosts: int | None = None,
+    address: str | None = None,
+) -> dict:
     from cluster.cli import _load_evaluated, console
 
+    if hosts:  # the pool shows its own progress (a status spinner would fight its bar)
+        with hosts_mapper(config["model"], adapter, dtype, hosts, address) as mapper:
+            return run(config, out, mapper=mapper)
     lm = _load_evaluated(config["model"], adapter, dtype)
     with console.status(f"running → {out}"):
         metrics = run(config, out, lm=lm)
@@ -62,6 +97,8 @@ def eval_behavioral(
     system_prompt: Annotated[str | None, typer.Option(help="system prompt")] = None,
     batch_size: BatchSize = None,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B2: P(yes) on yes/no questions about the model itself and controls, per category."""
     from introspect.evals.behavioral import run_behavioral
@@ -74,7 +111,7 @@ def eval_behavioral(
         system_prompt=system_prompt,
         batch_size=batch_size,
     )
-    m = _run(run_behavioral, config, out, adapter, dtype)
+    m = _run(run_behavioral, config, out, adapter, dtype, hosts, address)
     cats = ", ".join(f"{c['category']} {c['p_yes']['mean']:.2f}" for c in m["categories"])
     _done(out, f"B2 mean P(yes): {cats}")
 
@@ -93,6 +130,8 @@ def eval_identity(
     batch_size: BatchSize = None,
     full: Full = False,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B3: sampled answers to identity questions (responses.jsonl), stance pattern rates."""
     from introspect.evals.identity import run_identity
@@ -110,7 +149,7 @@ def eval_identity(
         seed=seed,
         batch_size=batch_size,
     )
-    m = _run(run_identity, config, out, adapter, dtype)
+    m = _run(run_identity, config, out, adapter, dtype, hosts, address)
     o = m["rates"]["overall"]
     _done(
         out,
@@ -133,6 +172,8 @@ def eval_self_prediction(
     batch_size: BatchSize = None,
     full: Full = False,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B4: Binder et al. self-prediction accuracy per task against the most-common baseline."""
     from introspect.evals.self_prediction import binder_dir as check_dir
@@ -149,7 +190,7 @@ def eval_self_prediction(
         seed=seed,
         batch_size=batch_size,
     )
-    m = _run(run_self_prediction, config, out, adapter, dtype)
+    m = _run(run_self_prediction, config, out, adapter, dtype, hosts, address)
     o = m["overall"]
     _done(
         out,
@@ -171,6 +212,8 @@ def eval_calibration(
     batch_size: BatchSize = None,
     full: Full = False,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B5: KL(P_actual ‖ P_reported) of the model's own answer distribution, parse failures."""
     from introspect.evals.calibration import run_calibration
@@ -187,7 +230,7 @@ def eval_calibration(
         seed=seed,
         batch_size=batch_size,
     )
-    m = _run(run_calibration, config, out, adapter, dtype)
+    m = _run(run_calibration, config, out, adapter, dtype, hosts, address)
     _done(
         out,
         f"B5 mean KL {m['kl']['mean']:.3f} (equal report {m['kl_equal_report']['mean']:.3f}), "
@@ -212,6 +255,8 @@ def eval_concepts(
     batch_size: BatchSize = None,
     full: Full = False,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B6: inject concepts, ask what the model thinks about; keyword and embedding judges."""
     from introspect.evals.concepts import run_concepts
@@ -230,7 +275,7 @@ def eval_concepts(
         seed=seed,
         batch_size=batch_size,
     )
-    m = _run(run_concepts, config, out, adapter, dtype)
+    m = _run(run_concepts, config, out, adapter, dtype, hosts, address)
     o = m["overall"]
     _done(
         out,
@@ -251,6 +296,8 @@ def eval_localization(
     batch_size: BatchSize = None,
     full: Full = False,
     dtype: Dtype = None,
+    hosts: Hosts = None,
+    address: Address = None,
 ) -> None:
     """B7: which layers / how strong / which sentence, accuracy against chance (1/3)."""
     from introspect.evals.localization import run_localization
@@ -265,7 +312,7 @@ def eval_localization(
         seed=seed,
         batch_size=batch_size,
     )
-    m = _run(run_localization, config, out, adapter, dtype)
+    m = _run(run_localization, config, out, adapter, dtype, hosts, address)
     _done(out, "B7 accuracy: " + _accuracies(m["questions"]))
 
 

@@ -278,6 +278,21 @@ def resolve_adapter(path: str | os.PathLike) -> Path:
     return path
 
 
+def evaluated_parts(
+    model: str, adapter: str | os.PathLike | None = None
+) -> tuple[str, Path | None, str | os.PathLike | None]:
+    """What :func:`load_evaluated` loads, without loading it: ``(base model, LoRA adapter
+    directory or None, mid-run checkpoint or None)``; a fully fine-tuned model is its own base."""
+    if adapter is None:
+        return model, None, None
+    adapter_dir = resolve_adapter(adapter)
+    if (adapter_dir / "trainable.safetensors").exists():
+        return model, None, adapter
+    if not (adapter_dir / "adapter_config.json").exists():
+        return str(adapter_dir), None, None  # a fully fine-tuned model directory
+    return model, adapter_dir, None
+
+
 def load_evaluated(
     model: str, adapter: str | os.PathLike | None = None, dtype: str | None = None, device=None
 ) -> LoadedModel:
@@ -286,13 +301,6 @@ def load_evaluated(
     step-N``)."""
     from introspect.train import load_run_checkpoint
 
-    base, adapter_dir, checkpoint = model, None, None
-    if adapter is not None:
-        adapter_dir = resolve_adapter(adapter)
-        if (adapter_dir / "trainable.safetensors").exists():
-            adapter_dir, checkpoint = None, adapter
-        elif not (adapter_dir / "adapter_config.json").exists():
-            base, adapter_dir = str(adapter_dir), None  # a fully fine-tuned model directory
+    base, adapter_dir, checkpoint = evaluated_parts(model, adapter)
     lm = load(base, dtype=dtype, device=device, adapter=adapter_dir)
     return load_run_checkpoint(lm, checkpoint) if checkpoint else lm
-

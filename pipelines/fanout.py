@@ -30,6 +30,7 @@ from ray.exceptions import (
 
 from introspect.errors import IntrospectError
 from introspect.examples import score_examples
+from introspect.models import evaluated_parts
 from introspect.vectors import VectorSet
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,56 @@ def score_on_pool(
     args = (score_examples, rows, "_fan_out_row", shard_size, vector_sets, batch_size)
     scores = fan_out(hosts, *args, adapter=adapter, progress=progress)
     return scores.drop(columns="_fan_out_row")
+
+
+def pool_mapper(
+    hosts: Sequence,
+    adapter: str | os.PathLike | None = None,
+    shard_size: int = 64,
+    progress: bool = True,
+) -> Callable:
+    """An evaluation mapper over a pool: ``mapper(fn, rows, **opts)`` runs ``fn(lm, shard,
+    **opts)`` on the hosts, keyed by the rows' ``key`` column, like the in-process mapper
+    (``introspect.evals.common.in_process``). Every shard runs under ``adapter`` (a loaded name,
+    a LoRA directory, or None = the base), so one pool evaluates several adapters in turn."""
+
+    def mapper(fn: Callable, rows: pd.DataFrame, **opts) -> pd.DataFrame:
+        out = fan_out(
+            hosts, fn, rows, "key", shard_size, adapter=adapter, progress=progress, **opts
+        )
+        # The stats would ride along into the parquet files; the in-process mapper has none.
+        log.info("fan-out %s: %s", getattr(fn, "__name__", "fn"), out.attrs.pop("fan_out"))
+        return out
+
+    return mapper
+
+
+def eval_pool(model: str, n: int, adapter: str | os.PathLike | None = None, **options):
+    """``actors.host_pool(model, n, adapter, **options)`` for an evaluation's ``hosts`` option,
+    whose errors about the pool's size then name ``hosts`` (host_pool calls it ``n``)."""
+    from actors.model_host import host_pool
+
+    try:
+        return host_pool(model, n, adapter, **options)
+    except IntrospectError as e:
+        if str(e).startswith("n: "):
+            raise IntrospectError(f"hosts: {str(e)[3:]}") from None
+        raise
+
+
+def pool_adapter(model: str, adapter: str | os.PathLike | None) -> str | None:
+    """The LoRA directory under which a pool of ``model`` hosts evaluates ``adapter`` (a run
+    directory, an adapter directory, or None = the base), by ``load_evaluated``'s rules.
+
+    A fully fine-tuned model or a mid-run checkpoint is not an adapter of the pool's base."""
+    base, adapter_dir, checkpoint = evaluated_parts(model, adapter)
+    if checkpoint is not None or base != model:
+        what = "a mid-run checkpoint" if checkpoint is not None else "a fully fine-tuned model"
+        raise IntrospectError(
+            f"adapter: {adapter} is {what}, not a LoRA adapter of {model}; "
+            "evaluate it without hosts"
+        )
+    return None if adapter_dir is None else str(adapter_dir)
 
 
 def _check(hosts, rows, keys, shard_size, max_shard_retries) -> None:

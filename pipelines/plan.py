@@ -110,6 +110,9 @@ class EvalStage(_Stage):
     models: list[str] = [BASE]  # "base" and/or names of train stages
     vectors: list[str] = []  # vector stages the suite uses (detection: random, then concepts)
     options: dict[str, Any] = {}  # passed to the suite (n_per_tier, magnitudes, ...)
+    # > 0: one pool of this many model hosts evaluates the models in turn (adapters switched on
+    # the loaded base); 0: each model in its own task. Strict: `hosts: true` is not 1 host.
+    hosts: int = Field(0, ge=0, strict=True)
 
     @field_validator("suite")
     @classmethod
@@ -294,7 +297,8 @@ def stage_hashes(plan: Plan) -> dict[str, str]:
     for name in order(plan):
         stage = plan.stages[name]
         payload = {
-            "stage": stage.model_dump(exclude={"after"}),
+            # `hosts` says where an eval runs, not what it computes: changing it reruns nothing.
+            "stage": stage.model_dump(exclude={"after", "hosts"}),
             "model": plan.stage_model(name),
             "resources": plan.resources.model_dump() if stage.kind in ("train", "sweep") else None,
             "inputs": {ref: out[ref] for ref in inputs(stage)},

@@ -70,15 +70,19 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).exists()
 
 
-def _execute(plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: str) -> dict:
-    """Run one unit into a temporary directory, then move it into place and mark it done."""
+def _execute(
+    plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: str, pool=None
+) -> dict:
+    """Run one unit into a temporary directory, then move it into place and mark it done.
+
+    ``pool``: the eval stage's host pool, when its models share one (``hosts: N``)."""
     tmp = unit.out.with_name(f".tmp-{unit.out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kind = plan.stages[unit.stage].kind
     started = time.time()
     if kind == "eval":
-        metrics = S.eval_one(plan, unit.stage, unit.part, tmp, input_dirs)
+        metrics = S.eval_one(plan, unit.stage, unit.part, tmp, input_dirs, pool)
     elif kind in ("train", "sweep"):
         fn = S.train_stage if kind == "train" else S.sweep_stage
         metrics = fn(plan, unit.stage, tmp, input_dirs, storage)
@@ -91,7 +95,7 @@ def _execute(plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: s
         }[kind]
         metrics = fn(plan, unit.stage, tmp, input_dirs)
     ended = time.time()
-    timing = _cost(plan, kind, metrics, started, ended)
+    timing = _cost(plan, kind, metrics, started, ended, len(pool) if pool else 1)
     (tmp / "timing.json").write_text(json.dumps(timing, indent=2))
     if not (tmp / "metrics.json").exists():
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -102,14 +106,16 @@ def _execute(plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: s
     return timing
 
 
-def _cost(plan: Plan, kind: str, metrics: dict, started: float, ended: float) -> dict:
-    """Wall time, device-hours and dollars at the plan's rates."""
+def _cost(
+    plan: Plan, kind: str, metrics: dict, started: float, ended: float, devices: int = 1
+) -> dict:
+    """Wall time, device-hours and dollars at the plan's rates (``devices``: held meanwhile)."""
     wall = ended - started
     gpu = plan.resources.use_gpu
     if kind in ("train",) and isinstance(metrics, dict) and "worker_hours" in metrics:
         hours = metrics["worker_hours"]
     else:
-        hours = wall / 3600
+        hours = devices * wall / 3600  # a pooled eval holds every host's device
     rate = plan.cost.usd_per_gpu_hour if gpu else plan.cost.usd_per_cpu_hour
     return {
         "started": started,
@@ -130,10 +136,34 @@ def _remote_options(plan: Plan, kind: str) -> dict:
     return {"num_cpus": cpus}
 
 
+def _failure(e: BaseException) -> str:
+    """A failed unit's one line: an IntrospectError as is, anything else with its type."""
+    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return line if isinstance(cause, IntrospectError) else f"{type(cause).__name__}: {line}"
+
+
+# Both remote functions return the failed units' lines by key ({} when all went well).
 @ray.remote(max_retries=0)
 def _execute_remote(plan_json: str, unit: StageRun, input_dirs: dict, storage: str) -> dict:
     plan = Plan.model_validate_json(plan_json)
-    return _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+    _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+    return {}
+
+
+@ray.remote(max_retries=0, num_cpus=0)  # a driver: the pool's hosts hold the resources
+def _execute_pooled(plan_json: str, units: list[StageRun], input_dirs: dict, storage: str):
+    """The models of one eval stage in turn on one host pool; one failed model stops no other."""
+    plan = Plan.model_validate_json(plan_json)
+    dirs = {k: Path(v) for k, v in input_dirs.items()}
+    failed = {}
+    with S.stage_pool(plan, units[0].stage) as pool:
+        for u in units:
+            try:
+                _execute(plan, u, dirs, storage, pool)
+            except Exception as e:  # noqa: BLE001 - reported per model, the rest go on
+                failed[u.key] = _failure(e)
+    return failed
 
 
 def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict:
@@ -164,7 +194,7 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
     def stage_failed(name: str) -> bool:
         return any(status.get(k, "").startswith(("failed", "blocked")) for k in stage_keys[name])
 
-    running: dict[ray.ObjectRef, StageRun] = {}
+    running: dict[ray.ObjectRef, list[StageRun]] = {}
     started: dict[str, float] = {}
     plan_json = plan.model_dump_json()
     view = _Progress(todo, status, started) if progress else None
@@ -185,35 +215,38 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                         plan.stages[u.stage].num_workers, res.cpus_per_worker, res.use_gpu
                     )
                     busy = sum(
-                        plan.stages[r.stage].kind in ("train", "sweep") for r in running.values()
+                        plan.stages[g[0].stage].kind in ("train", "sweep") for g in running.values()
                     )
                     if busy >= slots:
                         continue
                 # Every finished stage: a training stage also reads its data's vectors.
                 input_dirs = {n: str(d) for n, d in dirs.items() if stage_done(n)}
-                ref = _execute_remote.options(**_remote_options(plan, kind)).remote(
-                    plan_json, u, input_dirs, storage
-                )
-                running[ref] = u
-                started[u.key] = time.time()
+                if kind == "eval" and plan.stages[u.stage].hosts:
+                    # The stage's unfinished models go together, in turn on one pool.
+                    group = [v for v in todo if v.stage == u.stage and v.key not in status]
+                    ref = _execute_pooled.remote(plan_json, group, input_dirs, storage)
+                else:
+                    group = [u]
+                    ref = _execute_remote.options(**_remote_options(plan, kind)).remote(
+                        plan_json, u, input_dirs, storage
+                    )
+                running[ref] = group
+                started.update({v.key: time.time() for v in group})
             if view:
                 view.update()
             if not running:
                 break
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
-                u = running.pop(ref)
+                group = running.pop(ref)
                 try:
-                    ray.get(ref)
-                    status[u.key] = "done"
+                    failed = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - reported per stage, the rest go on
-                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
-                    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-                    if not isinstance(cause, IntrospectError):
-                        line = f"{type(cause).__name__}: {line}"
-                    status[u.key] = f"failed: {line}"
-                    if fail_fast:
-                        raise IntrospectError(f"stages.{u.key}: {line}") from None
+                    failed = dict.fromkeys((u.key for u in group), _failure(e))
+                for u in group:
+                    status[u.key] = f"failed: {failed[u.key]}" if u.key in failed else "done"
+                    if fail_fast and u.key in failed:
+                        raise IntrospectError(f"stages.{u.key}: {failed[u.key]}") from None
     finally:
         if view:
             view.close()

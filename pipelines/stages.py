@@ -227,15 +227,41 @@ def eval_config(plan: Plan, name: str, model_ref: str, inputs: dict[str, Path]) 
     return config
 
 
-def eval_one(plan: Plan, name: str, model_ref: str, out: Path, inputs: dict[str, Path]) -> dict:
-    """One suite on one model (the runner runs the models of a stage side by side)."""
+def eval_one(
+    plan: Plan, name: str, model_ref: str, out: Path, inputs: dict[str, Path], pool=None
+) -> dict:
+    """One suite on one model: in this process, or on ``pool`` (:func:`stage_pool`) under the
+    model's adapter (the runner runs the models of a stage side by side, or in turn on a pool)."""
+    from pipelines.fanout import pool_adapter, pool_mapper
+
     stage = plan.stages[name]
     fn = _suite_function(stage.suite)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return fn(eval_config(plan, name, model_ref, inputs), out)
+        config = eval_config(plan, name, model_ref, inputs)
+        if pool is None:
+            return fn(config, out)
+        adapter = pool_adapter(config["model"], config.get("adapter"))
+        return fn(config, out, mapper=pool_mapper(pool, adapter, progress=False))
     except IntrospectError as e:
         raise IntrospectError(f"stages.{name} ({model_ref}): {e}") from None
+
+
+def stage_pool(plan: Plan, name: str):
+    """The host pool of an eval stage with ``hosts: N``: N hosts of the stage's base model, one
+    GPU each on a GPU cluster (else ``cpus_per_worker`` CPUs each); close it when done."""
+    from pipelines.fanout import eval_pool
+
+    stage = plan.stages[name]
+    try:
+        return eval_pool(
+            plan.stage_model(name),
+            stage.hosts,
+            num_cpus=plan.resources.cpus_per_worker,
+            dtype=stage.options.get("dtype"),  # what each model's own load would use
+        )
+    except IntrospectError as e:
+        raise IntrospectError(f"stages.{name}.{e}") from None
 
 
 def stance_stage(plan: Plan, name: str, out: Path, inputs: dict[str, Path]) -> dict:

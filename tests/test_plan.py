@@ -47,6 +47,9 @@ def test_the_shipped_plans_are_valid():
         (lambda p: p["stages"]["b1"].update(suite="vibes"), "stages.b1.suite"),
         (lambda p: p["stages"]["original"]["overrides"].update(lr_max=1), "lr_max"),
         (lambda p: p["stages"]["data"].update(kind="bake"), "unknown kind 'bake'"),
+        (lambda p: p["stages"]["b1"].update(hosts="two"), "stages.b1.hosts: Input should be"),
+        (lambda p: p["stages"]["b1"].update(hosts=-1), "stages.b1.hosts: Input should be"),
+        (lambda p: p["stages"]["b1"].update(hosts=True), "stages.b1.hosts: Input should be"),
     ],
 )
 def test_a_malformed_plan_is_one_line_naming_the_field(tmp_path, edit, field):

@@ -29,6 +29,7 @@ from introspect.data import (
     range_name,
 )
 from introspect.errors import IntrospectError
+from introspect.evals.common import in_process
 from introspect.examples import examples_frame, score_examples, twin_rows, write_examples
 from introspect.metrics import detection_metrics
 from introspect.models import LoadedModel
@@ -194,17 +195,27 @@ def tier_metrics(scores: pd.DataFrame, n_layers: int) -> dict:
 
 
 def evaluate_detection(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     trials: pd.DataFrame,
     vector_sets: dict[str, VectorSet],
     batch_size: int = 16,
     info_prompt: str | None = None,
     progress: bool = False,
+    mapper=None,
+    n_layers: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Score the trials and compute the per-tier metrics."""
-    scores = score_examples(lm, trials, vector_sets, batch_size, info_prompt, progress)
+    """Score the trials and compute the per-tier metrics.
+
+    ``mapper(fn, rows, **opts)`` scores them (default: in this process on ``lm``; see
+    :func:`introspect.evals.common.in_process`); a mapper that holds its own model needs no
+    ``lm``, only ``n_layers``. The per-shard function is ``score_examples`` itself."""
+    opts = {"vector_sets": vector_sets, "batch_size": batch_size, "info_prompt": info_prompt}
+    if mapper is None:  # a pool's mapper shows its own per-shard progress
+        mapper, opts["progress"] = in_process(lm), progress
+    rows = trials.assign(key=np.arange(len(trials)))
+    scores = mapper(score_examples, rows, **opts).drop(columns="key")
     scores["tier"] = trials["tier"].to_numpy()
-    return scores, tier_metrics(scores, lm.n_layers)
+    return scores, tier_metrics(scores, n_layers or lm.n_layers)
 
 
 def write_detection_eval(
@@ -254,10 +265,15 @@ class DetectionEvalConfig:
     label: str | None = None
 
 
-def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = False) -> dict:
-    """B1 end to end: trials, scores, metrics, plots, ``summary.md``; returns the metrics."""
+def run_detection(
+    config: dict, out_dir: str | os.PathLike, progress: bool = False, mapper=None
+) -> dict:
+    """B1 end to end: trials, scores, metrics, plots, ``summary.md``; returns the metrics.
+
+    ``mapper`` scores the trials (as in :func:`evaluate_detection`); with one, the model is
+    loaded here only when relative magnitudes need its residual norms."""
     from introspect.activations import base_residual_norms
-    from introspect.models import load_evaluated
+    from introspect.models import dims, load_evaluated
     from introspect.vectors import load_vectors
 
     known = set(DetectionEvalConfig.__dataclass_fields__)
@@ -267,15 +283,19 @@ def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = Fal
                 f"{key}: not a detection-eval option ({', '.join(sorted(known))})"
             )
     cfg = DetectionEvalConfig(**config)
-    lm = load_evaluated(cfg.model, cfg.adapter, cfg.dtype)
-    random_vs = load_vectors(cfg.vectors, lm.d_model)
-    concept_vs = load_vectors(cfg.concepts, lm.d_model) if cfg.concepts else None
+    if mapper is None or cfg.magnitude_mode == "relative":
+        lm = load_evaluated(cfg.model, cfg.adapter, cfg.dtype)
+        n_layers, d_model = lm.n_layers, lm.d_model
+    else:  # the mapper's hosts hold the model; the trials need only its shape
+        lm, (n_layers, d_model) = None, dims(cfg.model)
+    random_vs = load_vectors(cfg.vectors, d_model)
+    concept_vs = load_vectors(cfg.concepts, d_model) if cfg.concepts else None
     texts = default_prompts()
     norms = None
     if cfg.magnitude_mode == "relative":
         norms = base_residual_norms(lm, texts["context_prompts"])
     trials = detection_trials(
-        lm.n_layers,
+        n_layers,
         random_vs,
         concept_vs,
         cfg.n_per_tier,
@@ -288,12 +308,14 @@ def run_detection(config: dict, out_dir: str | os.PathLike, progress: bool = Fal
     )
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
-    scores, metrics = evaluate_detection(lm, trials, sets, cfg.batch_size, info, progress)
+    scores, metrics = evaluate_detection(
+        lm, trials, sets, cfg.batch_size, info, progress, mapper, n_layers
+    )
     # The settings travel with the numbers ("food" is the food task's metrics, not the flag).
     metrics.update({k: v for k, v in asdict(cfg).items() if k not in ("label", "food")})
     metrics["food_task"] = cfg.food
     metrics["label"] = cfg.label or str(cfg.adapter or cfg.model)
-    write_detection_eval(out_dir, scores, metrics, lm.n_layers)
+    write_detection_eval(out_dir, scores, metrics, n_layers)
     (Path(out_dir) / "summary.md").write_text(summary_markdown(metrics))
     return metrics
 
