@@ -23,10 +23,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         return "already connected"
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if address in (None, "", "local"):
+        # The dashboard (on loopback only) serves Ray's state API, which Train V2's placement-
+        # group cleaner polls: without it, a Tune trial stopped early (ASHA) leaks its workers'
+        # reservation and the next trial waits forever. Its address goes to every worker so the
+        # cleaner never guesses among other Ray instances running on the same machine.
+        port = _free_loopback_port()
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
@@ -42,3 +50,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         raise IntrospectError(f"address: cannot connect to Ray at {address!r} ({first})") from None
     res = ray.cluster_resources()
     return f"Ray at {address} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -47,16 +47,6 @@ class Sweep:
             raise IntrospectError("method: a rank sweep needs method 'lora'")
 
 
-def _concurrency(job: TrainJob) -> int:
-    """One trial per GPU's worth of workers; one at a time on a CPU-only cluster.
-
-    On a 2-CPU local Ray, a second concurrent trial was seen to wait forever after the first
-    finished (Ray 2.60; cause not found yet), and CPU-bound trials gain nothing from sharing
-    the same cores anyway.
-    """
-    return job_capacity(job) if job.use_gpu else 1
-
-
 def _trial(params: dict, sweep: Sweep, out: str, datasets: dict) -> None:
     """One Tune trial: a whole training job with this trial's rank and learning rate."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -101,7 +91,7 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
             mode="min",
             scheduler=scheduler,
             num_samples=samples,
-            max_concurrent_trials=sweep.max_concurrent or _concurrency(sweep.job),
+            max_concurrent_trials=sweep.max_concurrent or job_capacity(sweep.job),
         ),
         run_config=tune.RunConfig(
             name=f"{sweep.job.name}-tune", storage_path=str(out / "tune"), verbose=0
@@ -119,7 +109,7 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
                 "val_accuracy": m.get("val_accuracy"),
                 "steps": m.get("step"),
                 "reports": m.get("training_iteration"),
-                "stopped_early": not m.get("done", 0),
+                "stopped_early": not m.get("finished", 0),
                 "error": None if result.error is None else str(result.error).splitlines()[0],
             }
         )

@@ -1,0 +1,41 @@
+"""A Tune sweep (LoRA rank × learning rate, ASHA) through the CLI on tiny-random."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from introspect.data import DataConfig, make_examples, split
+from introspect.examples import write_examples
+from introspect.vectors import VectorSet, random_vectors, save_vectors
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
+
+
+def test_sweep_writes_its_table_and_best_config(tmp_path):
+    tr, va = split(make_examples(DataConfig(n=60, seed=0, magnitudes=[8.0]), 4, VS), 0.2, 0)
+    write_examples(tr, tmp_path / "train.parquet")
+    write_examples(va, tmp_path / "val.parquet")
+    save_vectors(tmp_path / "random.safetensors", VS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "sweep", "--model", "tiny-random",
+         "--data", str(tmp_path), "--vectors", str(tmp_path / "random.safetensors"),
+         "--out", str(tmp_path / "sweep"), "--ranks", "1,4", "--lrs", "1e-3,2e-3",
+         "--steps", "4", "--set", "batch_size=4", "--set", "eval_every=2",
+         "--set", "warmup_steps=1"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "sweep" / "trials.csv")
+    # Every trial of the 2 x 2 grid ran and reported (ASHA may stop some early: a trial it
+    # stopped must release its workers, or the next trial would wait forever).
+    trials = sorted(zip(table["lora_r"], table["lr"], strict=True))
+    assert trials == [(1, 1e-3), (1, 2e-3), (4, 1e-3), (4, 2e-3)]
+    assert table["val_loss"].notna().all() and table["error"].isna().all()
+    assert (tmp_path / "sweep" / "best.json").exists()
+    assert (tmp_path / "sweep" / "trials.md").read_text().startswith("| lora_r |")
