@@ -181,7 +181,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         "step": result.steps,
         "val_accuracy": result.final_val_accuracy,
         "val_loss": result.final_val_loss,
-        "done": 1,
+        "finished": 1,  # not "done": Tune reads that key as "stop this trial now"
     }
     # The last checkpoint travels with the final report, so a rerun under the same name
     # restores a finished loop instead of starting over.
