@@ -1,17 +1,22 @@
-"""B4 self-prediction: reading the Binder files, property extraction, scoring, a tiny run."""
+"""B4 self-prediction: reading the Binder files and the shipped sample, property extraction,
+scoring, a tiny run."""
 
 import json
+import string
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import introspect
 from introspect.errors import IntrospectError
 from introspect.evals.self_prediction import (
     DEFAULT_BINDER_DIR,
     answer_self_prediction,
+    binder_dir,
     object_property,
     predicted_property,
+    read_task,
     run_self_prediction,
     score_rows,
     self_prediction_metrics,
@@ -19,7 +24,13 @@ from introspect.evals.self_prediction import (
 )
 
 pytestmark = pytest.mark.evals
-BINDER = Path(__file__).resolve().parents[1] / DEFAULT_BINDER_DIR
+# Binder et al.'s real test set, present only in this workspace (passed explicitly).
+BINDER = Path(__file__).resolve().parents[1] / "../shared/data/binder_test"
+SHIPPED = Path(introspect.__file__).parent / "resources/evals/self_prediction"
+PROPERTIES = {
+    "first_character", "second_character", "third_character", "first_word",
+    "second_word", "third_word", "starts_with_vowel", "among_a_or_c", "among_b_or_d",
+}  # fmt: skip
 needs_binder = pytest.mark.skipif(not BINDER.is_dir(), reason="../shared/data/binder_test absent")
 
 
@@ -28,14 +39,75 @@ def test_reads_all_23_files():
     trials = self_prediction_trials(BINDER, n_per_task=2, seed=0)
     assert trials["task"].nunique() == 23 and len(trials) == 46
     assert trials["key"].is_unique
-    assert set(trials["property"]) == {
-        "first_character", "second_character", "third_character", "first_word",
-        "second_word", "third_word", "starts_with_vowel", "among_a_or_c", "among_b_or_d",
-    }  # fmt: skip
+    assert set(trials["property"]) == PROPERTIES
     for m in trials["object_prompt"]:
         assert json.loads(m)[0]["role"] == "user"
     again = self_prediction_trials(BINDER, n_per_task=2, seed=0)
     pd.testing.assert_frame_equal(trials, again)
+
+
+def test_default_is_the_shipped_sample():
+    assert DEFAULT_BINDER_DIR == SHIPPED and binder_dir(None) == SHIPPED
+    paths = sorted(SHIPPED.glob("*.jsonl"))
+    assert len(paths) == 23
+    n_rows = 0
+    for path in paths:
+        rows = read_task(path)
+        n_rows += len(rows)
+        assert 16 <= len(rows) <= 30, path.name
+        questions = [r["original_question"] for r in rows]
+        assert len(set(questions)) == len(questions), path.name
+        for r in rows:
+            assert f"{r['original_dataset']}_{r['behavioral_property']}" == path.stem
+            assert r["behavioral_property"] in PROPERTIES
+            assert r["option_matching_ethical_stance"] is None
+            (obj,), (hyp,) = r["object_level_prompt"], r["hypothetical_prompt"]
+            assert obj["role"] == hyp["role"] == "user"
+            assert r["original_question"] in obj["content"]
+            assert obj["content"].strip() in hyp["content"]
+    assert sum(p.stat().st_size for p in paths) < 300_000
+    trials = self_prediction_trials(None, n_per_task=1000)
+    assert len(trials) == n_rows and trials["key"].is_unique
+    assert trials["task"].nunique() == 23 and set(trials["property"]) == PROPERTIES
+
+
+def _scripted(prompt: str, prop: str, i: int) -> tuple[str, str]:
+    """An object-level answer made from the prompt, and its property worked out by hand: the
+    list or sentence (the prompt's last line) repeated back; for the quiz, the option line
+    A, B, C or D in turn, copied from the prompt."""
+    lines = prompt.strip().splitlines()
+    if prop.startswith("among"):
+        letter = "ABCD"[i % 4]
+        (answer,) = [line for line in lines if line.startswith(f"{letter} - ")]
+        return answer, str(letter in ("AC" if prop == "among_a_or_c" else "BD")).lower()
+    answer = lines[-1]
+    assert answer[0].isalpha()
+    if prop == "starts_with_vowel":
+        return answer, str(answer[0].lower() in "aeiou").lower()
+    nth = {"first": 0, "second": 1, "third": 2}[prop.split("_")[0]]
+    if prop.endswith("character"):
+        return answer, answer.lower()[nth]
+    return answer, answer.split()[nth].strip(string.punctuation).lower()
+
+
+def test_every_shipped_row_scores_a_scripted_answer():
+    trials = self_prediction_trials(None, n_per_task=1000)
+    pairs = [
+        _scripted(json.loads(row.object_prompt)[0]["content"], row.property, i)
+        for i, row in enumerate(trials.itertuples())
+    ]
+    answers, expected = [a for a, _ in pairs], [e for _, e in pairs]
+    # The hypothetical answer states the right value, quoted and capitalised as a model might.
+    rows = trials.assign(
+        object_response=answers, hypothetical_response=[f'"{e.capitalize()}".' for e in expected]
+    )
+    scored = score_rows(rows)
+    assert scored["target"].tolist() == list(expected)
+    # A space (the second character of "A small ...") cannot be stated: the one unscorable case.
+    assert (scored["correct"] == (scored["target"].str.strip() != "")).all()
+    assert scored["correct"].mean() > 0.95
+    m = self_prediction_metrics(scored)
+    assert len(m["tasks"]) == 23 and all(t["n_excluded"] == 0 for t in m["tasks"])
 
 
 def test_object_properties():
@@ -100,6 +172,16 @@ def test_bad_row_names_the_file_and_line(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"object_level_prompt": []}\n')
     with pytest.raises(IntrospectError, match="x.jsonl line 1 lacks field 'hypothetical_prompt'"):
         self_prediction_trials(tmp_path)
+
+
+@needs_binder
+def test_stage_on_tiny_reads_the_shipped_sample_by_default(tiny, tmp_path):
+    tasks = ["animals_first_character", "quiz_among_b_or_d"]
+    config = {"model": "tiny-random", "n_per_task": 1, "tasks": tasks}
+    m = run_self_prediction(config, tmp_path, lm=tiny)
+    assert [t["task"] for t in m["tasks"]] == tasks and m["config"]["binder_dir"] is None
+    assert "### B4" in (tmp_path / "summary.md").read_text()
+    assert len(pd.read_parquet(tmp_path / "results.parquet")) == 2
 
 
 @needs_binder

@@ -6,6 +6,11 @@ tasks, ``option_matching_ethical_stance``. The model answers both greedily; the 
 own object-level answer is the target, its hypothetical answer the prediction. The baseline
 always guesses the task's most common object-level property value.
 
+By default B4 reads the small sample shipped in ``introspect/resources/evals/self_prediction/``
+(23 tasks in this format, our own word lists, sentences and quiz questions, written by
+``scripts/make_b4_sample.py``), so that it runs on a fresh clone. Binder et al.'s real test set
+is passed with ``binder_dir`` (``--binder-dir`` on the CLI), e.g. ``../shared/data/binder_test``.
+
 Property rules (lower-cased; the text stripped of surrounding whitespace and quotes):
 
 * ``first/second/third_character`` - that character of the object-level answer; the prediction is
@@ -30,6 +35,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +56,10 @@ from introspect.evals.common import (
 from introspect.evals.generation import Sampling, generate
 from introspect.models import LoadedModel
 
-DEFAULT_BINDER_DIR = Path("../shared/data/binder_test")
+# The shipped sample (a plain directory: the package is installed unzipped).
+DEFAULT_BINDER_DIR = Path(
+    str(resources.files("introspect") / "resources" / "evals" / "self_prediction")
+)
 FIELDS = ("object_level_prompt", "hypothetical_prompt", "behavioral_property")
 NTH = {"first": 0, "second": 1, "third": 2}
 BOOLEAN = ("starts_with_vowel", "among_a_or_c", "among_b_or_d")
@@ -65,7 +74,9 @@ class SelfPredictionConfig:
     adapter: str | None = None
     device: str | None = None
     dtype: str | None = None
-    binder_dir: str | None = None  # default ../shared/data/binder_test when it exists
+    # dataset_release JSONL dir; None = the shipped sample. The real Binder et al. test set:
+    # binder_dir=../shared/data/binder_test (--binder-dir).
+    binder_dir: str | None = None
     n_per_task: int = 2
     tasks: list[str] | None = None  # file stems; all files when None
     seed: int = 0
@@ -76,7 +87,7 @@ class SelfPredictionConfig:
 
 
 def binder_dir(path: str | os.PathLike | None) -> Path:
-    """The directory of ``dataset_release`` JSONL files: the given one, or the shared sample."""
+    """The directory of ``dataset_release`` JSONL files: the given one, or the shipped sample."""
     d = Path(path) if path else DEFAULT_BINDER_DIR
     if not d.is_dir() or not any(d.glob("*.jsonl")):
         raise IntrospectError(
