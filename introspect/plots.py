@@ -111,9 +111,10 @@ def range_magnitude_heatmap(
     """
     cells = cells.sort_values(["layer_start", "magnitude"]).copy()
     cells["level"] = cells.groupby("layers")["magnitude"].rank(method="dense").astype(int)
+    counts = cells["n"] if "n" in cells else [None] * len(cells)
     cells["text"] = [
-        f"{fmt.format(v)}\n(m={m:.3g})"
-        for v, m in zip(cells[value], cells["magnitude"], strict=True)
+        f"{fmt.format(v)}\n(m={m:.3g}" + (")" if n is None else f", n={n})")
+        for v, m, n in zip(cells[value], cells["magnitude"], counts, strict=True)
     ]
     rows = list(dict.fromkeys(cells["layers"]))
     pivot = cells.pivot_table(index="layers", columns="level", values=value, sort=False).loc[rows]

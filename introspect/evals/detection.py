@@ -238,7 +238,7 @@ def write_detection_eval(
             pd.DataFrame(m["cells"]),
             "accuracy",
             out / f"heatmap_{tier}.png",
-            title=f"{tier}: accuracy by layer range × magnitude {title}",
+            title=f"{tier}: accuracy by layer range × magnitude, {title}",
             center=0.5,
         )
     tmp = out / ".metrics.json.tmp"
@@ -340,4 +340,12 @@ def summary_markdown(metrics: dict) -> str:
             f"| {m['n_steered']}/{m['n_unsteered']} |"
         )
     lines += ["", "![ROC by tier](roc.png) ![p_yes histograms](p_yes_hist.png)", ""]
+    maps = [f"![{t}: layer range × magnitude](heatmap_{t}.png)" for t in metrics["tiers"]]
+    lines += [
+        "Accuracy per layer range × magnitude (a cell's n counts its steered trials and their "
+        "unsteered twins):",
+        "",
+        " ".join(maps),
+        "",
+    ]
     return "\n".join(lines) + "\n"
