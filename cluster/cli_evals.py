@@ -164,7 +164,7 @@ def eval_self_prediction(
     adapter: Adapter = None,
     binder_dir: Annotated[
         Path | None,
-        typer.Option(help="dataset_release JSONL dir (default ../shared/data/binder_test)"),
+        typer.Option(help="dataset_release JSONL dir (default: our shipped sample)"),
     ] = None,
     n_per_task: Annotated[int | None, typer.Option(help="rows per task file")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated file stems")] = None,
