@@ -3,7 +3,8 @@
 A checkpoint directory is complete only once its ``COMPLETE`` marker is inside it; it is written
 under a temporary name and renamed, so a run killed mid-save leaves the previous one in charge.
 Weights are safetensors; the optimizer/scheduler/RNG state is read back with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Under DeepSpeed ZeRO-3 every worker writes its own shard of
+the same step into its own ``step-N`` directory (``ZERO_TAG``, see :mod:`introspect.zero`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,33 +21,43 @@ from safetensors.torch import load_file, save_file
 from introspect.errors import IntrospectError
 
 COMPLETE = "COMPLETE"
+ZERO_TAG = "zero"  # the subdirectory of a checkpoint that holds DeepSpeed's per-worker shards
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Trainable weights (safetensors) + optimizer/scheduler/RNG/position, written atomically."""
+def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary directory; marked complete, it becomes ``step-N``."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = run_dir / "checkpoints" / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            **state,
-        },
-        tmp / "state.pt",
-    )
+    write(tmp)
     (tmp / COMPLETE).write_text(str(step))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Trainable weights (safetensors) + optimizer/scheduler/RNG/position, written atomically."""
+
+    def write(tmp: Path) -> None:
+        weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                **state,
+            },
+            tmp / "state.pt",
+        )
+
+    return write_checkpoint(run_dir, step, write)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -56,6 +68,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_trainable(path: Path, model) -> None:
     """Copy a checkpoint's trainable weights into ``model`` (same trainable set required)."""
+    if (path / ZERO_TAG).is_dir():
+        raise IntrospectError(
+            f"checkpoint: {path} holds DeepSpeed ZeRO-3 shards, one per training worker; "
+            f"evaluate the run's best/ or final/ export instead (or merge the shards with the "
+            f"zero_to_fp32.py script inside it)"
+        )
     try:
         weights = load_file(str(path / "trainable.safetensors"))
     except Exception as e:  # damaged files raise several types
@@ -93,11 +111,14 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def export_model(model, tokenizer, out: Path, meta: dict) -> None:
-    """save_pretrained format (an adapter for LoRA, the whole model for full FT), atomically."""
+def export_model(model, tokenizer, out: Path, meta: dict, state_dict: dict | None = None) -> None:
+    """save_pretrained format (an adapter for LoRA, the whole model for full FT), atomically.
+
+    ``state_dict`` stands in for the model's own weights when those are sharded (ZeRO-3).
+    """
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if meta.get("method") == "full":
         tokenizer.save_pretrained(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -203,6 +203,62 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+# --------------------------------------------------------------------------- updates
+
+
+class TorchUpdates:
+    """How gradients become weight updates, and how that state is saved: plain torch.
+
+    AdamW with warm-up and decay on every worker; gradients are averaged over the workers with
+    ``all_reduce`` (DDP's arithmetic), then clipped. The loop talks to this object only, so
+    :class:`introspect.zero.ZeroUpdates` can run the same loop under DeepSpeed ZeRO-3.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, n_steps: int):
+        self.model = model
+        self.params = list(trainable(model).values())
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.warmup_steps, n_steps)
+        )
+        self.grad_accum, self.max_grad_norm = config.grad_accum, config.max_grad_norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward pass."""
+        (loss / self.grad_accum).backward()
+
+    def step(self, guard: Callable[[float], None]) -> float:
+        """Average, clip, let ``guard(grad_norm)`` stop a diverged run, then update."""
+        average_gradients(self.params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        guard(grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, run_dir: Path, step: int, state: dict) -> Path | None:
+        """Rank 0 writes the checkpoint (the state is the same everywhere); others return None."""
+        if world()[0] != 0:
+            return None
+        return save_checkpoint(run_dir, step, self.model, self.optimizer, self.scheduler, state)
+
+    def load(self, checkpoint: Path) -> dict:
+        return load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+
+    def export(self, tokenizer, out: Path, meta: dict) -> None:
+        """Called on every worker; rank 0 writes."""
+        if world()[0] == 0:
+            export_model(self.model, tokenizer, out, meta)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -216,14 +272,19 @@ def label_targets(labels: Sequence) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, pad_id: int):
-    """Loss and number correct for one micro-batch (steered prefix without grad, suffix with)."""
+def answer_pair(model, prompts: Sequence[DetectionPrompt], pad_id: int) -> torch.Tensor:
+    """``[B, answers]`` logits of each prompt's answer tokens (steered prefix without grad)."""
     device = next(model.parameters()).device
     batch = collate(prompts, pad_id).to(device)
     cache = steered_cache(model, batch)
     logits = suffix_logits(model, batch, cache)
-    pair = logits.float().gather(1, batch.answer_ids)
-    targets = targets.to(device)
+    return logits.float().gather(1, batch.answer_ids)
+
+
+def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, pad_id: int):
+    """Loss and number correct for one micro-batch (steered prefix without grad, suffix with)."""
+    pair = answer_pair(model, prompts, pad_id)
+    targets = targets.to(pair.device)
     loss = F.cross_entropy(pair, targets)
     correct = int((pair.argmax(-1) == targets).sum())
     return loss, correct
@@ -234,22 +295,26 @@ def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[floa
     """Validation accuracy and mean cross-entropy over the answer tokens.
 
     Under data parallelism each worker takes every ``world``-th prompt and the sums are
-    combined, so every worker returns the same numbers for the whole set.
+    combined, so every worker returns the same numbers for the whole set. Every worker runs the
+    same number of batches, because ZeRO-3 gathers each layer's weights with a collective
+    inside the forward pass: a worker short of a row repeats its first one, uncounted.
     """
     was_training = model.training
     model.eval()
     rank, size = world()
-    prompts, labels = list(prompts)[rank::size], list(labels)[rank::size]
-    targets = label_targets(labels)
+    rows = list(range(rank, len(prompts), size))
+    n_real = len(rows)
+    rows += (rows[:1] or [0]) * (-(-len(prompts) // size) - n_real)
+    targets = label_targets([labels[i] for i in rows])
     total_loss, correct = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        loss, c = step_loss(
-            model, prompts[start : start + batch_size], targets[start : start + batch_size], pad_id
-        )
-        total_loss += float(loss) * len(prompts[start : start + batch_size])
-        correct += c
+    for start in range(0, len(rows), batch_size):
+        pair = answer_pair(model, [prompts[i] for i in rows[start : start + batch_size]], pad_id)
+        keep = max(0, min(len(pair), n_real - start))
+        pair, t = pair[:keep], targets[start : start + keep].to(pair.device)
+        total_loss += float(F.cross_entropy(pair, t, reduction="sum")) if keep else 0.0
+        correct += int((pair.argmax(-1) == t).sum())
     model.train(was_training)
-    total_loss, correct, n = sum_scalars([total_loss, correct, len(prompts)])
+    total_loss, correct, n = sum_scalars([total_loss, correct, n_real])
     return correct / n, total_loss / n
 
 
@@ -264,6 +329,7 @@ def train(
     progress: bool = False,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     on_save: Callable[[int, Path | None, dict], None] | None = None,
+    updates: Callable[[torch.nn.Module, TrainConfig, int], TorchUpdates] = TorchUpdates,
 ) -> TrainResult:
     """Train ``lm`` (in place) on example rows; write checkpoints, logs and the best model.
 
@@ -289,6 +355,7 @@ def train(
         progress=progress,
         on_step=on_step,
         on_save=on_save,
+        updates=updates,
     )
 
 
@@ -304,12 +371,15 @@ def train_prompts(
     progress: bool = False,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     on_save: Callable[[int, Path | None, dict], None] | None = None,
+    updates: Callable[[torch.nn.Module, TrainConfig, int], TorchUpdates] = TorchUpdates,
 ) -> TrainResult:
     """The training loop over tokenised trials; labels are booleans or answer indices.
 
     ``on_step(step, model)`` runs after each optimizer step (tests use it to inject a fault).
     ``on_save(step, checkpoint_dir, record)`` runs on every worker after each checkpoint (the
-    directory on rank 0, None elsewhere): Ray Train reports checkpoints from it.
+    directory this worker wrote: rank 0's, or every worker's shard under ZeRO-3; None where
+    nothing was written): Ray Train reports checkpoints from it. ``updates(model, config,
+    n_steps)`` builds the optimizer side (:class:`TorchUpdates`, or DeepSpeed's).
 
     Under a ``torch.distributed`` process group, each global batch (the same indices as in one
     process) is split across the workers and gradients are averaged, so the run follows the
@@ -339,18 +409,14 @@ def train_prompts(
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     model = prepare_model(lm, config)
-    params = list(trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n_steps = total_steps(config, len(train_set))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.warmup_steps, n_steps)
-    )
+    opt = updates(model, config, n_steps)
 
     step, best_acc, best_step = 0, -1.0, None
     log_path = run_dir / "log.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        state = opt.load(ckpt)
         step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
         if writer:
             _truncate_log(log_path, step)
@@ -367,6 +433,17 @@ def train_prompts(
             "base_model": lm.name,
         }
 
+    def guard(grad_norm: float) -> None:
+        """Stop on a non-finite loss or gradient (DeepSpeed: checked after its update)."""
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            return
+        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+        what = "loss" if not math.isfinite(loss_sum) else "gradient"
+        raise TrainingDiverged(
+            f"step {step + 1}: non-finite {what} (loss {loss_sum / config.grad_accum}, "
+            f"grad norm {grad_norm}); stopped, {where}"
+        )
+
     model.train()
     bar = _progress(progress and writer, n_steps, step)
     last_good = ckpt
@@ -375,7 +452,7 @@ def train_prompts(
         task = p.add_task("training", total=n_steps, completed=step) if p else None
         while step < n_steps:
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss_sum, correct, seen = 0.0, 0, 0
             for a in range(config.grad_accum):
                 idx = micro_batch(
@@ -387,26 +464,12 @@ def train_prompts(
                     label_targets([train_labels[i] for i in idx]),
                     pad_id,
                 )
-                (loss / config.grad_accum).backward()
+                opt.backward(loss)
                 loss_sum += float(loss.detach())
                 correct += c
                 seen += len(idx)
-            average_gradients(params)
             loss_sum, correct, seen = sum_scalars([loss_sum / size, correct, seen])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                where = (
-                    f"last good checkpoint: {last_good}"
-                    if last_good
-                    else "no checkpoint was written"
-                )
-                what = "loss" if not math.isfinite(loss_sum) else "gradient"
-                raise TrainingDiverged(
-                    f"step {step + 1}: non-finite {what} (loss {loss_sum / config.grad_accum}, "
-                    f"grad norm {grad_norm}); stopped, {where}"
-                )
-            optimizer.step()
-            scheduler.step()
+            grad_norm = opt.step(guard)
             step += 1
             if on_step is not None:
                 on_step(step, model)
@@ -415,7 +478,7 @@ def train_prompts(
                 "epoch": step * config.grad_accum * config.batch_size / len(train_set),
                 "loss": loss_sum / config.grad_accum,
                 "accuracy": correct / seen,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": opt.lr(),
                 "grad_norm": grad_norm,
                 "examples_per_s": seen / (time.perf_counter() - t0),
             }
@@ -426,15 +489,13 @@ def train_prompts(
                 record.update(val_accuracy=val_acc, val_loss=val_loss)
                 if val_acc > best_acc:
                     best_acc, best_step = val_acc, step
-                    if writer:
-                        export_model(model, tok, run_dir / "best", meta(step, val_acc, val_loss))
+                    opt.export(tok, run_dir / "best", meta(step, val_acc, val_loss))
             if writer:
                 _append(log_path, record)
             if step % config.save_every == 0 or step == n_steps:
                 state = {"step": step, "best_acc": best_acc, "best_step": best_step}
-                saved = None
-                if writer:
-                    saved = save_checkpoint(run_dir, step, model, optimizer, scheduler, state)
+                saved = opt.save(run_dir, step, state)
+                if saved is not None:
                     prune_checkpoints(run_dir, config.keep_checkpoints)
                     last_good = saved
                 barrier()
@@ -444,8 +505,8 @@ def train_prompts(
                 p.update(task, completed=step, description=f"training loss {record['loss']:.3f}")
 
     result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
+    opt.export(tok, run_dir / "final", meta(step, val_acc, val_loss))
     if writer:
-        export_model(model, tok, run_dir / "final", meta(step, val_acc, val_loss))
         summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     barrier()

@@ -16,11 +16,18 @@ export) is reported to Ray Train, which persists it under ``storage_path/name`` 
 ``s3://``). A failed worker group restarts from the last reported checkpoint
 (``max_failures``); rerunning a job with the same name and storage resumes the same way. When
 the job ends the final run directory is copied to ``out``.
+
+Full fine-tuning on GPUs runs under DeepSpeed ZeRO-3 (``deepspeed``; config derived from the
+model's size and the GPUs by :mod:`pipelines.deepspeed_config`, docs/deepspeed.md); LoRA, and
+full fine-tuning on CPU, average gradients over the workers as DDP does (gloo on CPU). Under
+ZeRO-3 every worker reports its own shard of each checkpoint and Ray Train gathers them into
+one checkpoint directory; a restarted worker copies back only its own shard.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -35,12 +42,21 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from introspect.checkpoints import COMPLETE
 from introspect.errors import IntrospectError
 from introspect.examples import read_examples, tokenise_examples, tokenised_prompts
-from introspect.train import TrainConfig, TrainingDiverged, train_prompts
+from introspect.train import TorchUpdates, TrainConfig, TrainingDiverged, train_prompts
 
 # What a checkpoint reported to Ray holds besides the training state itself.
-RUN_FILES = ("config.json", "log.jsonl", "metrics.json", "worker.json", "best", "final")
+RUN_FILES = (
+    "config.json",
+    "log.jsonl",
+    "metrics.json",
+    "worker.json",
+    "deepspeed.json",
+    "best",
+    "final",
+)
 
 
 @dataclass
@@ -61,6 +77,36 @@ class TrainJob:
     max_failures: int = 2
     backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on GPU
     worker_env: dict | None = None  # runtime_env of the training workers (env_vars, setup hook)
+    # DeepSpeed ZeRO-3; None: on for method "full" with use_gpu, off otherwise (DDP).
+    deepspeed: bool | None = None
+    offload: str = "auto"  # ZeRO-3 CPU offload: auto, none, optimizer, optimizer+params
+
+    def uses_deepspeed(self) -> bool:
+        """Whether this job trains under ZeRO-3; errors name the field to change."""
+        on = self.deepspeed
+        if on is None:
+            on = self.config.method == "full" and self.use_gpu
+        from pipelines.deepspeed_config import OFFLOADS
+
+        if self.offload != "auto" and self.offload not in OFFLOADS:
+            raise IntrospectError(
+                f"offload: {self.offload!r} must be 'auto' or one of {', '.join(OFFLOADS)}"
+            )
+        if not on:
+            return False
+        if self.config.method != "full":
+            raise IntrospectError(
+                "deepspeed: ZeRO-3 is wired for method 'full'; LoRA trains with DDP "
+                "(deepspeed: false)"
+            )
+        if not self.use_gpu and self.offload not in ("auto", "none"):
+            raise IntrospectError(f"offload: {self.offload!r} offloads to the CPU; needs use_gpu")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise IntrospectError(
+                "deepspeed: full fine-tuning on GPUs runs under DeepSpeed ZeRO-3, which is not "
+                "installed: pip install 'introspect[deepspeed]', or set deepspeed: false (DDP)"
+            )
+        return True
 
 
 def example_dataset(path: str, model: str, info_prompt: str | None = None) -> ray.data.Dataset:
@@ -100,30 +146,94 @@ def _shard_frame(name: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _stage(run_dir: Path, checkpoint: Path | None) -> Path:
-    """A directory holding what a restarted worker (or the driver) needs from this run."""
+def _stage(run_dir: Path | None, checkpoint: Path) -> Path:
+    """A directory holding what a restarted worker (or the driver) needs from this worker.
+
+    Rank 0 adds the run's files (``run_dir``); under ZeRO-3 the other workers add only their
+    shard, and Ray Train gathers every worker's directory into one checkpoint. Only rank 0's
+    completion marker goes up: workers uploading the same file at once can garble it.
+    """
     stage = Path(tempfile.mkdtemp(prefix="introspect-report-"))
-    for name in RUN_FILES:
+    for name in RUN_FILES if run_dir is not None else ():
         src = run_dir / name
         if src.is_dir():
             shutil.copytree(src, stage / name)
         elif src.exists():
             shutil.copy2(src, stage / name)
-    if checkpoint is not None:
-        shutil.copytree(checkpoint, stage / "checkpoints" / checkpoint.name)
+    marker = shutil.ignore_patterns(COMPLETE) if run_dir is None else None
+    shutil.copytree(checkpoint, stage / "checkpoints" / checkpoint.name, ignore=marker)
     return stage
 
 
 def _report(record: dict, run_dir: Path, checkpoint: Path | None, rank: int) -> None:
+    """Report metrics, with the checkpoint this worker wrote (None: metrics only)."""
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
-    if rank != 0:
+    if checkpoint is None:
         ray.train.report(metrics)
         return
-    stage = _stage(run_dir, checkpoint)
+    stage = _stage(run_dir if rank == 0 else None, checkpoint)
     try:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(stage)))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _restore(checkpoint: Checkpoint, run_dir: Path, rank: int) -> None:
+    """Copy a reported checkpoint into ``run_dir``, leaving out other workers' ZeRO-3 shards.
+
+    DeepSpeed reads only its own rank's files when the number of workers is unchanged.
+    """
+    mine = f"zero_pp_rank_{rank}_"
+
+    def others(_dir: str, names: list[str]) -> list[str]:
+        return [n for n in names if n.startswith("zero_pp_rank_") and not n.startswith(mine)]
+
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, run_dir, dirs_exist_ok=True, ignore=others)
+
+
+def _zero_updates(cfg: dict, lm, config: TrainConfig, run_dir: Path):
+    """The DeepSpeed ZeRO-3 updates for this worker, with its config derived and recorded."""
+    import psutil
+    import torch
+
+    from introspect.zero import ZeroUpdates
+    from pipelines.deepspeed_config import GIB, ModelSize, deepspeed_config, memory_plan
+
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    model = lm.model
+    own = (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    size = ModelSize(sum(p.numel() for p in model.parameters()), lm.d_model, max(own))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    plan = None
+    if cfg["use_gpu"]:
+        # The model is still on the host: ask the GPU Ray Train made this worker's default.
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        plan = memory_plan(
+            size,
+            world,
+            gpu_gib=gpu.total_memory / GIB,
+            offload=cfg["offload"],
+            dtype=dtype,
+            gpus_per_node=ctx.get_local_world_size(),
+            cpu_gib=psutil.virtual_memory().total / GIB,
+        )
+    ds_config = deepspeed_config(
+        size,
+        world,
+        micro_batch=max(1, config.batch_size // world),
+        grad_accum=config.grad_accum,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        dtype=dtype,
+        offload=plan.offload if plan else "none",
+    )
+    if ctx.get_world_rank() == 0:
+        record = {"config": ds_config, "plan": asdict(plan) if plan else None}
+        (run_dir / "deepspeed.json").write_text(json.dumps(record, indent=2))
+    return functools.partial(ZeroUpdates, ds_config=ds_config)
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -137,10 +247,15 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     config = TrainConfig(**cfg["config"])
-    device = "cpu"
+    device, dtype = "cpu", cfg["dtype"]
     if cfg["use_gpu"] and torch.cuda.is_available():
         device = f"cuda:{ctx.get_local_rank()}" if torch.cuda.device_count() > 1 else "cuda"
-    lm = load(cfg["model"], dtype=cfg["dtype"], device=device)
+        dtype = dtype or "bfloat16"  # what load() picks on a GPU; said here, as we load on CPU
+    if not cfg["use_gpu"]:
+        # DeepSpeed picks its accelerator once per process; a CPU job on a GPU host stays on CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # ZeRO-3 partitions the weights from a host copy onto the GPU one tensor at a time.
+    lm = load(cfg["model"], dtype=dtype, device="cpu" if cfg["deepspeed"] else device)
     vector_sets = {Path(p).stem: load_vectors(p) for p in cfg["vectors"]}
     train_df, val_df = _shard_frame("train"), _shard_frame("val")
     val_df = val_df.iloc[: config.val_max_examples]
@@ -150,8 +265,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     started = time.time()
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as d:
-            shutil.copytree(d, run_dir, dirs_exist_ok=True)
+        _restore(restored, run_dir, rank)
+    resumed_from = latest_checkpoint(run_dir)
+    updates = _zero_updates(cfg, lm, config, run_dir) if cfg["deepspeed"] else TorchUpdates
     try:
         result = train_prompts(
             lm,
@@ -163,6 +279,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             run_dir,
             resume=restored is not None,
             on_save=lambda step, ckpt, record: _report(record, run_dir, ckpt, rank),
+            updates=updates,
         )
     except TrainingDiverged as e:
         # Not a worker failure to retry: the same data and state would diverge again.
@@ -173,6 +290,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "device": str(lm.device),
         "world_size": ctx.get_world_size(),
+        "resumed_from": resumed_from.name if resumed_from else None,  # after a restart
         "started": started,
         "ended": time.time(),
     }
@@ -184,8 +302,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         "finished": 1,  # not "done": Tune reads that key as "stop this trial now"
     }
     # The last checkpoint travels with the final report, so a rerun under the same name
-    # restores a finished loop instead of starting over.
-    _report(final, run_dir, latest_checkpoint(run_dir) if rank == 0 else None, rank)
+    # restores a finished loop instead of starting over (every worker's shard under ZeRO-3).
+    last = latest_checkpoint(run_dir) if rank == 0 or cfg["deepspeed"] else None
+    _report(final, run_dir, last, rank)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -217,6 +336,7 @@ def run_train_job(
     Returns the run's metrics (``metrics.json``) plus wall time and worker-hours.
     """
     job.config.validate()
+    deepspeed = job.uses_deepspeed()
     out = Path(out)
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
@@ -224,7 +344,12 @@ def run_train_job(
     storage = job.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    cfg = {**asdict(job), "config": asdict(job.config), "storage_path": storage}
+    cfg = {
+        **asdict(job),
+        "config": asdict(job.config),
+        "storage_path": storage,
+        "deepspeed": deepspeed,
+    }
     cfg.pop("worker_env")  # may hold a callable; the workers get it through their runtime_env
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": 1} if job.use_gpu else {})
     # NCCL only where this torch has it (a CPU build, or fake GPUs in tests, use gloo).
@@ -261,8 +386,11 @@ def run_train_job(
         raise IntrospectError(f"train job {job.name}: finished without reporting a checkpoint")
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    # ZeRO-3 checkpoints (every worker's optimizer shard: ~16 bytes a parameter) stay in
+    # storage, where a rerun resumes from them; out keeps the run's exports and logs.
+    skip = shutil.ignore_patterns("checkpoints") if deepspeed else None
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
+        shutil.copytree(d, tmp, ignore=skip)
     metrics = json.loads((tmp / "metrics.json").read_text())
     metrics.update(
         run_dir=str(out),

@@ -94,12 +94,21 @@ def test_two_workers_train_with_ddp_and_checkpoint(tmp_path, files):
     assert (tmp_path / "ray2" / "checkpoints").is_dir()
 
 
+def _registered(storage) -> bool:
+    """Whether Ray Train has registered a checkpoint (its files can land before it does)."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+    return bool(snapshot.get("checkpoint_results"))
+
+
 def _kill_worker_after_first_checkpoint(storage, stop):
-    """Wait for a checkpoint to reach storage, then SIGKILL the training worker's process."""
+    """Wait for a registered checkpoint, then SIGKILL a training worker's process."""
     from ray.util.state import list_actors
 
     while not stop.is_set():
-        if list(storage.glob("checkpoint_*")):
+        if _registered(storage):
             here = ray.get_runtime_context().gcs_address
             for a in list_actors(here, filters=[("class_name", "=", "RayTrainWorker")]):
                 if a.state == "ALIVE" and a.pid:
@@ -120,7 +129,67 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, files):
         stop.set()
         assert killed.result() is not None, "the run ended before a worker could be killed"
     # Every step logged once, and the resumed run follows the uninterrupted one.
+    assert json.loads((tmp_path / "ray" / "worker.json").read_text())["resumed_from"]
     local, remote = log(tmp_path / "local"), log(tmp_path / "ray")
     assert [r["step"] for r in remote] == list(range(1, 31))
     for a, b in zip(local, remote, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_zero3_full_finetuning_follows_ddp(tmp_path, files):
+    """Two workers, full fine-tuning: DeepSpeed ZeRO-3 (CPU accelerator, gloo) against DDP."""
+    pytest.importorskip("deepspeed")
+    d, _, _ = files
+    config = quick(method="full")
+    two = dict(num_workers=2, cpus_per_worker=0.5, config=config)
+    run_train_job(job(d, tmp_path, name="ddp", **two), tmp_path / "ddp")
+    run_train_job(job(d, tmp_path, name="zero", deepspeed=True, **two), tmp_path / "zero")
+    ddp, zero = log(tmp_path / "ddp"), log(tmp_path / "zero")
+    # The same global batches; the sums run in another order (reduce-scatter vs all_reduce).
+    assert [r["step"] for r in zero] == list(range(1, 7))
+    for a, b in zip(ddp, zero, strict=True):
+        for key in ("loss", "grad_norm", "lr", "val_loss", "val_accuracy"):
+            assert abs(a.get(key, 0) - b.get(key, 0)) <= 1e-4, (key, a, b)
+    # final/ holds the whole model, gathered from the shards onto rank 0.
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "zero")
+    assert set(a) == set(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+    plan = json.loads((tmp_path / "zero" / "deepspeed.json").read_text())
+    assert plan["config"]["zero_optimization"]["stage"] == 3 and plan["plan"] is None  # CPU
+    # Each worker's shard reached the one checkpoint in storage; out keeps no shards.
+    last = max(p for p in (tmp_path / "storage" / "zero").glob("checkpoint_*") if p.is_dir())
+    shards = {p.name for p in last.glob("checkpoints/step-*/zero/*_optim_states.pt")}
+    assert shards == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    assert (next(last.glob("checkpoints/step-*")) / "COMPLETE").read_text() == "6"
+    assert not (tmp_path / "zero" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_zero3_killed_worker_resumes_from_its_shard(tmp_path, files):
+    pytest.importorskip("deepspeed")
+    d, tr, va = files
+    config = quick(method="full", max_steps=20, save_every=4, eval_every=4)
+    train(models.load("tiny-random"), tr, va, {"random": VS}, config, tmp_path / "local")
+    zero = job(d, tmp_path, name="z", num_workers=2, cpus_per_worker=0.5, config=config)
+    zero.deepspeed = True
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(_kill_worker_after_first_checkpoint, tmp_path / "storage" / "z", stop)
+        run_train_job(zero, tmp_path / "ray")
+        stop.set()
+        assert killed.result() is not None, "the run ended before a worker could be killed"
+    # The restarted workers started from a checkpoint, each back on its own shard, logged every
+    # step once and followed the uninterrupted single-process run.
+    worker = json.loads((tmp_path / "ray" / "worker.json").read_text())
+    assert worker["resumed_from"] in {f"step-{s:06d}" for s in (4, 8, 12, 16)}, worker
+    local, remote = log(tmp_path / "local"), log(tmp_path / "ray")
+    assert [r["step"] for r in remote] == list(range(1, 21))
+    for a, b in zip(local, remote, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
