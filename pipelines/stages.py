@@ -215,8 +215,8 @@ def eval_config(plan: Plan, name: str, model_ref: str, inputs: dict[str, Path]) 
     config["model"] = plan.stage_model(name)
     if model_ref != BASE:
         config["adapter"] = str(inputs[model_ref] / "run")
+    config["label"] = model_ref  # "base" or the training stage, not an adapter path
     if stage.suite == "detection":
-        config["label"] = model_ref
         if not stage.vectors:
             raise IntrospectError(f"stages.{name}.vectors: detection needs a random vector stage")
         config["vectors"] = vector_file(inputs, stage.vectors[0])

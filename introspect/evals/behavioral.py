@@ -43,6 +43,7 @@ from introspect.models import LoadedModel
 class BehavioralConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     questions: str | None = None  # a JSON file like resources/evals/behavioral.json
@@ -190,7 +191,7 @@ def run_behavioral(
     )
     results = trials.merge(scores, on="key")
     metrics = behavioral_metrics(results)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics.update(config=asdict(cfg), label=label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ _ARTICLE = re.compile(r"^(?:a|an|the)\s+")
 class CalibrationConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     prompts: str | None = None  # a JSON file like resources/evals/calibration.json
@@ -352,7 +353,7 @@ def run_calibration(
     )
     scored = score_prompts(trials.merge(raw, on="key"), cfg.epsilon)
     metrics = calibration_metrics(scored)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics.update(config=asdict(cfg), label=label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ FULL = {"n_concepts": 50, "n_samples": 4, "magnitudes": [0.25, 0.5, 1.0]}
 class ConceptsConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     vectors: str | None = None  # a concept vector file; made from the shipped concepts if None
@@ -396,7 +397,7 @@ def run_concepts(
     results = trials.merge(answers, on="key")
     judged = judge(results, Embedder(cfg.embedder))
     metrics = concept_metrics(judged)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics.update(
         config=asdict(cfg), label=label, layers=[start, end], residual_norm=scale, layer=layer
     )

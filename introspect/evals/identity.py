@@ -38,6 +38,7 @@ FULL = {"n_samples": 5, "max_new_tokens": 200}
 class IdentityConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     questions: str | None = None  # a JSON file like resources/evals/identity.json
@@ -199,7 +200,7 @@ def run_identity(
     results = trials.merge(responses, on="key")
     out = Path(out_dir)
     metrics = identity_metrics(results, out)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics.update(config=asdict(cfg), label=label)
     first = results[results["sample"] == 0].groupby("category", sort=False).head(1)
     examples = list(zip(first["question"], first["response"], strict=True))

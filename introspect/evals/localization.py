@@ -53,6 +53,7 @@ FULL = {"n_per_question": 300}
 class LocalizationConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     vectors: str | None = None  # random vector file; default random_vectors(d, 200, seed 42)
@@ -330,7 +331,7 @@ def run_localization(
     cfg = parse_config(LocalizationConfig, config, FULL)
     lm = lm or load_model(cfg)
     results, per_question = evaluate_localization(lm, cfg, mapper=mapper)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics = {"questions": per_question, "config": asdict(cfg), "label": label}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ FULL = {"n_per_task": 100}
 class SelfPredictionConfig:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    label: str | None = None  # the name shown in reports; default: model + adapter
     device: str | None = None
     dtype: str | None = None
     # dataset_release JSONL dir; None = the shipped sample. The real Binder et al. test set:
@@ -374,7 +375,7 @@ def run_self_prediction(
     results = trials.merge(answers, on="key")
     scored = score_rows(results)
     metrics = self_prediction_metrics(scored)
-    label = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
     metrics.update(config=asdict(cfg), label=label, n_tasks=len(metrics["tasks"]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
