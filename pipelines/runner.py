@@ -136,11 +136,30 @@ def _remote_options(plan: Plan, kind: str) -> dict:
     return {"num_cpus": cpus}
 
 
+# Ray's errors for a stage whose worker process, or the node under it, went away: a box lost
+# mid-plan (its Ray killed, the machine gone) ends the stages running there with one of these.
+_LOST = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.RayActorError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.ObjectLostError,
+)
+
+
 def _failure(e: BaseException) -> str:
-    """A failed unit's one line: an IntrospectError as is, anything else with its type."""
+    """A failed unit's one line: an IntrospectError as is, anything else with its type; a stage
+    that lost its Ray worker or node says so and how to go on."""
     cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
     line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return line if isinstance(cause, IntrospectError) else f"{type(cause).__name__}: {line}"
+    if isinstance(cause, IntrospectError):
+        return line
+    if isinstance(cause, _LOST):
+        return (
+            f"{type(cause).__name__}: {line} (the Ray worker or node running this stage was "
+            "lost; run the plan again: finished stages are skipped)"
+        )
+    return f"{type(cause).__name__}: {line}"
 
 
 # Both remote functions return the failed units' lines by key ({} when all went well).
@@ -224,10 +243,15 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                 if kind == "eval" and plan.stages[u.stage].hosts:
                     # The stage's unfinished models go together, in turn on one pool.
                     group = [v for v in todo if v.stage == u.stage and v.key not in status]
-                    ref = _execute_pooled.remote(plan_json, group, input_dirs, storage)
+                    ref = _execute_pooled.options(name=f"stage:{u.stage}").remote(
+                        plan_json, group, input_dirs, storage
+                    )
                 else:
                     group = [u]
-                    ref = _execute_remote.options(**_remote_options(plan, kind)).remote(
+                    # Named after the unit, so Ray's state API and dashboard say which stage
+                    # runs where (`ray list tasks --filter name=stage:b1[base]`).
+                    options = {"name": f"stage:{u.key}", **_remote_options(plan, kind)}
+                    ref = _execute_remote.options(**options).remote(
                         plan_json, u, input_dirs, storage
                     )
                 running[ref] = group

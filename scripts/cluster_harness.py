@@ -7,9 +7,9 @@ Each host is a network namespace (its own interfaces, routes and ports) plus a P
 (its own process list, so `ray stop` on a host sees only that host's Ray) plus a mount
 namespace where the host has its own /root and /tmp: its own ~/.ray/auth_token, Ray session
 dir and SSH state, as a separate box would. The repo, the venv and the Python the venv was
-built from stay visible at their usual paths, like a box image with Python preinstalled. The
-laptop runs `ray up` with a config derived from ray_cluster.yaml, changing only the IPs, the
-SSH user and the key.
+built from stay visible at their usual paths (also when they live under /root or /tmp), like a
+box image with Python preinstalled. The laptop runs `ray up` with a config derived from
+ray_cluster.yaml, changing only the IPs, the SSH user and the key.
 
 Nothing leaves the namespaces: the only addresses are 10.231.0.0/24 inside them, the laptop
 namespace (the hosts' gateway) forwards nothing, and no address is added outside them. Each
@@ -17,6 +17,7 @@ host's PID 1 is a small reaper; killing it ends every process of that host, so c
 only what the harness started.
 
 Run as root:  python scripts/cluster_harness.py run [--worker-loss] [--keep]
+(--worker-loss: a plan submitted with `introspect submit`, the worker's Ray killed mid-plan.)
 """
 
 from __future__ import annotations
@@ -99,14 +100,20 @@ def ensure_tools() -> None:
     sh(["apt-get", "install", "-y", "-q", *APT_PACKAGES], timeout=900, env=env)
 
 
-def kept_paths(venv: Path, home: Path) -> list[Path]:
-    """Host paths that must stay visible inside a host whose home is replaced.
+TMP = Path("/tmp")
 
-    The venv's interpreter may come from the home (pyenv in ~/.pyenv); so may the repo.
+
+def kept_paths(venv: Path, home: Path) -> list[Path]:
+    """Host paths that must stay visible inside a host whose home and /tmp are replaced.
+
+    The venv's interpreter may come from the home (pyenv in ~/.pyenv); the repo and its venv
+    may be in the home or in /tmp (a fresh clone in /tmp/...). A path inside another kept one
+    comes with it.
     """
     base = sh([str(venv / "bin" / "python"), "-c", "import sys; print(sys.base_prefix)"])
-    paths = [Path(base.stdout.strip()).resolve(), venv.resolve(), REPO]
-    return sorted({p for p in paths if p.is_relative_to(home)})
+    paths = {Path(base.stdout.strip()).resolve(), venv.resolve(), REPO}
+    paths = {p for p in paths if p.is_relative_to(home) or p.is_relative_to(TMP)}
+    return sorted(p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths))
 
 
 @dataclass
@@ -186,7 +193,7 @@ class Harness:
         home.chmod(0o700)
         (host.dir / "tmp").chmod(0o1777)
         for p in keep:
-            (home / p.relative_to(self.home)).mkdir(parents=True, exist_ok=True)
+            self._mount_point(host, p).mkdir(parents=True, exist_ok=True)
         if host.name == "laptop":
             return
         (home / SHARED).mkdir()
@@ -204,6 +211,13 @@ class Harness:
             "AuthorizedKeysFile .ssh/authorized_keys\nMaxStartups 100\nMaxSessions 100\n"
             "Subsystem sftp /usr/lib/openssh/sftp-server\n"
         )
+
+    def _mount_point(self, host: Host, path: Path) -> Path:
+        """Where a kept path is bind-mounted in the directories that become the host's home
+        or /tmp (so it shows at its usual path inside the host)."""
+        if path.is_relative_to(self.home):
+            return host.dir / "home" / path.relative_to(self.home)
+        return host.dir / "tmp" / path.relative_to(TMP)
 
     def _wire(self) -> None:
         """A bridge in the laptop namespace; one veth to each box; default route via laptop."""
@@ -225,10 +239,10 @@ class Harness:
 
     def _boot(self, host: Host, keep: list[Path]) -> None:
         home = host.dir / "home"
-        mounts = [f"mount --bind {p} {home / p.relative_to(self.home)}" for p in keep]
+        mounts = [f"mount --bind {p} {self._mount_point(host, p)}" for p in keep]
         if host.name != "laptop":  # the boxes' shared run storage (an NFS export on real boxes)
             mounts.append(f"mount --bind {self.work / SHARED} {home / SHARED}")
-        mounts += [f"mount --rbind {home} {self.home}", f"mount --bind {host.dir / 'tmp'} /tmp"]
+        mounts += [f"mount --rbind {home} {self.home}", f"mount --rbind {host.dir / 'tmp'} {TMP}"]
         main = "sleep infinity"
         if host.name != "laptop":
             main = f"/usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}"
@@ -384,12 +398,15 @@ class Harness:
         return self.on("laptop", cmd + ["--", *entrypoint], timeout, check=False,
                        RAY_AUTH_MODE=mode)
 
-    def submit_plan(self, plan: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    def submit_plan(self, plan: str, timeout: float = 900,
+                    wait: bool = True) -> subprocess.CompletedProcess:
         """`introspect submit PLAN` through the tunnel, with the token, as docs/cluster.md says.
 
-        The plan runs on the head under ~/introspect-runs/<plan name>/ (submit's default).
+        The plan runs on the head under ~/introspect-runs/<plan name>/ (submit's default), which
+        is `self.work / SHARED / <plan name>` from outside the hosts.
         """
         cmd = ["introspect", "submit", plan, "--address", DASHBOARD]
+        cmd += [] if wait else ["--no-wait"]
         return self.on("laptop", cmd, timeout, check=False, RAY_AUTH_MODE="token")
 
     def job(self, sub: str, job_id: str, token: bool = True, timeout: float = 600):
@@ -423,33 +440,83 @@ class Harness:
             time.sleep(2)
         raise RuntimeError(f"job {job_id} still running after {timeout}s")
 
-    def worker_loss(self, tasks: int = 24, seconds: float = 6.0) -> dict:
-        """Kill the worker's Ray mid-job; report the job's fate and when the worker returns.
+    def probe(self, *args: str, timeout: float = 120) -> dict:
+        """tests/cluster/state_probe.py on the laptop (Ray's state API through the tunnel, with
+        the token); its last output line, parsed."""
+        cmd = ["python", "tests/cluster/state_probe.py", *args]
+        r = self.on("laptop", cmd, timeout, check=False, RAY_AUTH_MODE="token")
+        if r.returncode != 0:
+            raise RuntimeError(f"state_probe {' '.join(args)} -> {r.returncode}\n"
+                               f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
 
-        Needs the tunnel open. The job runs `tasks` tasks of `seconds` each spread over both
-        nodes. The worker's Ray is killed as soon as the job's log shows a task running there.
+    def plan_dir(self, name: str) -> Path:
+        """A plan's run directory on the boxes' shared storage, seen from outside the hosts."""
+        return self.work / SHARED / name
+
+    def plan_status(self, name: str, since: float) -> dict | None:
+        """The plan runner's status.json ({unit: done | skipped | failed: ... | blocked ...}),
+        if a run that started after `since` wrote it."""
+        path = self.plan_dir(name) / "status.json"
+        if not path.exists() or path.stat().st_mtime < since:
+            return None
+        return json.loads(path.read_text())
+
+    def complete_marks(self, name: str) -> dict[str, float]:
+        """Every finished stage's COMPLETE marker under the plan's run directory, with mtime."""
+        root = self.plan_dir(name)
+        return {str(p.relative_to(root)): p.stat().st_mtime for p in root.glob("**/COMPLETE")}
+
+    def plan_worker_loss(self, timeout: float = 900) -> dict:
+        """Kill the worker's Ray while a plan submitted with `introspect submit` runs a stage
+        there; report what became of the plan, and of its resubmission once the worker is back.
+
+        Needs the tunnel open. The plan is `loss_plan` of tests/plans/tiny.yaml, written next to
+        it (submit takes plans inside the repo) and removed afterwards.
         """
-        cmd = ["python", "tests/cluster/cluster_job.py", "--loss", str(tasks),
-               "--seconds", str(seconds)]
-        job_id = self.job_id(self.submit(cmd, wait=False))
-        on_worker = re.compile(rf"ip={re.escape(WORKER_IP)}\)\S*\s+RUNNING")
-        deadline = time.time() + 300
-        while not on_worker.search(self.job("logs", job_id).stdout):
-            if time.time() > deadline:
-                raise RuntimeError(f"job {job_id} never ran a task on the worker")
-            time.sleep(0.5)
+        base = yaml.safe_load((REPO / LOSS_BASE).read_text())
+        path = self.loss_plan_path()
+        path.write_text(yaml.safe_dump(loss_plan(base), sort_keys=False))
+        try:
+            return self._plan_worker_loss(str(path.relative_to(REPO)), base["name"], timeout)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def loss_plan_path(self) -> Path:
+        return REPO / LOSS_BASE.parent / f".cluster-loss-{self.run_id}.yaml"
+
+    def _plan_worker_loss(self, plan: str, name: str, timeout: float) -> dict:
+        t0 = time.time()
+        job_id = self.job_id(self.submit_plan(plan, wait=False))
+        # As soon as a stage's task runs on the worker, or a Ray Train worker lives there.
+        on_worker = self.probe("watch", DASHBOARD, job_id, WORKER_IP, "300", timeout=360)
         killed = self.kill_ray("worker")
         t = time.time()
-        status = self.wait_job(job_id)
-        out = {"status": status, "job_s_after_kill": round(time.time() - t, 1),
-               "kill_output": killed.stdout[-300:] + killed.stderr[-300:]}
+        out = {"job": job_id, "killed_after_submit_s": round(t - t0, 1),
+               "on_worker_at_kill": on_worker,
+               "kill_output": (killed.stdout + killed.stderr)[-300:]}
+        out["status"] = self.wait_job(job_id, timeout)
+        out["job_s_after_kill"] = round(time.time() - t, 1)
+        out["units"] = self.plan_status(name, since=t0)
+        # Every attempt of every stage task, and every Ray Train worker, with its node.
+        out["record"] = self.probe("record", DASHBOARD, job_id)
         logs = self.job("logs", job_id).stdout
-        if status == "SUCCEEDED":
-            out["report"] = report(logs)
-        else:
-            out["logs_tail"] = logs[-2000:]
+        out["errors"] = [x for x in logs.splitlines() if x.startswith("error: stages.")]
+        out["summary"] = next((x for x in logs.splitlines() if " ran, " in x), "")
         self.wait_nodes(2, timeout=300)  # the head's autoscaler restarts Ray on the worker
         out["worker_back_s"] = round(time.time() - t, 1)
+        if out["status"] == "SUCCEEDED":
+            return out
+        out["marks_before_resubmit"] = self.complete_marks(name)
+        t = time.time()
+        again = self.submit_plan(plan, timeout)
+        out["resubmit"] = {
+            "rc": again.returncode, "s": round(time.time() - t, 1),
+            "units": self.plan_status(name, since=t),
+            "summary": next((x for x in again.stderr.splitlines() if " ran, " in x), ""),
+            "tail": "" if again.returncode == 0 else (again.stdout + again.stderr)[-3000:],
+        }
+        out["marks_after_resubmit"] = self.complete_marks(name)
         return out
 
     def listening(self, host: str) -> list[str]:
@@ -519,14 +586,36 @@ class Harness:
                 left.append(f"process {pid}: {cmdline.decode(errors='replace')[:120]}")
         if self.work.exists():
             left.append(f"directory {self.work} (keys, homes)")
+        if self.loss_plan_path().exists():
+            left.append(f"file {self.loss_plan_path()} (the worker-loss plan)")
         return left
 
 
 SMOKE_JOB = ["python", "tests/cluster/cluster_job.py"]
+LOSS_BASE = Path("tests/plans/tiny.yaml")
 # The plan the cluster test submits with `introspect submit`. plans/quickstart.yaml takes ~15
 # min on 2 free cores, too long next to everything else here, so the default is its reduced
 # variant on tiny-random (every kind of stage the quickstart has but sweep and concepts).
 PLAN = os.environ.get("INTROSPECT_CLUSTER_PLAN", "tests/plans/tiny.yaml")
+
+
+def loss_plan(base: dict) -> dict:
+    """The plan the worker-loss test submits: tiny.yaml as it is, plus five stages.
+
+    Run after tiny.yaml itself, tiny.yaml's stages are skipped (same name, same hashes) and
+    four new ones start at once on its finished stages: two trainings (9 steps instead of 6)
+    and two data stages (another seed). That is four CPUs' worth of work, more than the head
+    has (2 on the test machine), so Ray puts some of it on the worker. B1 then evaluates the
+    two new trainings.
+    """
+    plan = copy.deepcopy(base)
+    s = plan["stages"]
+    for train in ("original", "food-control"):
+        s[f"{train}-b"] = {**s[train], "overrides": {**s[train]["overrides"], "max_steps": 9}}
+    for data in ("data", "data-food"):
+        s[f"{data}-b"] = {**s[data], "seed": 1}
+    s["b1-b"] = {**s["b1"], "models": ["original-b", "food-control-b"]}
+    return plan
 
 
 def report(output: str) -> dict:
@@ -541,7 +630,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["run", "clean"])
     parser.add_argument("workdir", nargs="?", type=Path, help="for clean: the run's directory")
-    parser.add_argument("--worker-loss", action="store_true", help="also kill the worker mid-job")
+    parser.add_argument("--worker-loss", action="store_true", help="also kill the worker mid-plan")
     parser.add_argument("--keep", action="store_true", help="leave the hosts up (debugging)")
     args = parser.parse_args()
     if args.action == "clean":
@@ -564,7 +653,7 @@ def main() -> None:
             print("without token rc:", refused.returncode)
             print(refused.stdout[-500:], refused.stderr[-500:])
             if args.worker_loss:
-                print("worker loss:", json.dumps(h.worker_loss()), flush=True)
+                print("worker loss:", json.dumps(h.plan_worker_loss()), flush=True)
         if not args.keep:
             h.ray_down()
     finally:

@@ -71,6 +71,18 @@ def test_a_malformed_plan_on_the_cli_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stage_that_lost_its_ray_worker_or_node_says_so_and_what_to_do():
+    import ray
+
+    from pipelines.runner import _failure
+
+    lost = "(the Ray worker or node running this stage was lost; run the plan again"
+    for e in (ray.exceptions.WorkerCrashedError(), ray.exceptions.NodeDiedError("node gone")):
+        assert _failure(e).startswith(f"{type(e).__name__}: ") and lost in _failure(e)
+    assert _failure(ValueError("bad value")) == "ValueError: bad value"
+    assert _failure(IntrospectError("stages.x: no")) == "stages.x: no"
+
+
 def test_hashes_change_downstream_of_an_edit_only():
     before = stage_hashes(parse_plan(tiny()))
     plan = tiny()

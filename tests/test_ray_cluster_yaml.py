@@ -97,14 +97,19 @@ def test_placeholders_are_documentation_addresses(config):
     assert config["provider"]["worker_ips"] == []  # the main case: one multi-GPU box
 
 
-def test_the_harness_changes_only_ips_user_and_key(config):
-    harness = sys.modules.get("cluster_harness")  # tests/cluster may have loaded it
-    if harness is None:
+@pytest.fixture(scope="module")
+def harness():
+    module = sys.modules.get("cluster_harness")  # tests/cluster may have loaded it
+    if module is None:
         path = REPO / "scripts" / "cluster_harness.py"
         spec = importlib.util.spec_from_file_location("cluster_harness", path)
-        harness = importlib.util.module_from_spec(spec)
-        sys.modules["cluster_harness"] = harness  # dataclasses look their module up
-        spec.loader.exec_module(harness)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cluster_harness"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_the_harness_changes_only_ips_user_and_key(config, harness):
     derived = harness.derive_config(config, "10.0.0.1", ["10.0.0.2"], "me", "/k")
     before, after = _flat(config), _flat(derived)
     assert set(before) == set(after)
@@ -112,3 +117,21 @@ def test_the_harness_changes_only_ips_user_and_key(config):
     assert changed == {"provider.head_ip", "provider.worker_ips", "auth.ssh_user",
                        "auth.ssh_private_key"}
     _validated(derived)
+
+
+def test_the_worker_loss_plan_reuses_tiny_and_adds_stages_that_start_at_once(harness):
+    # The cluster's worker-loss test submits it after tiny.yaml has run: tiny's stages must be
+    # skipped (same hashes), and the new ones must need nothing but tiny's finished stages.
+    from pipelines.plan import inputs, parse_plan, stage_hashes
+
+    base = yaml.safe_load((REPO / harness.LOSS_BASE).read_text())
+    loss = parse_plan(yaml.safe_load(yaml.safe_dump(harness.loss_plan(base))))
+    tiny = stage_hashes(parse_plan(base))
+    hashes = stage_hashes(loss)
+    assert loss.name == base["name"]
+    assert {k: hashes[k] for k in tiny} == tiny
+    new = set(hashes) - set(tiny)
+    assert new == {"original-b", "food-control-b", "data-b", "data-food-b", "b1-b"}
+    assert not set(hashes[k] for k in new) & set(tiny.values())
+    first = {k for k in new if set(inputs(loss.stages[k])) <= set(tiny)}
+    assert first == {"original-b", "food-control-b", "data-b", "data-food-b"}
