@@ -89,7 +89,8 @@ def sweep(
         model=model,
         train_data=str(data / "train.parquet"),
         val_data=str(data / "val.parquet"),
-        vectors=[str(v) for v in vectors],
+        # Absolute: a Tune trial runs in its own working directory.
+        vectors=[str(v.resolve()) for v in vectors],
         config=make_preset(preset, **overrides),
         storage_path=str(out / "ray"),
         use_gpu=gpu,

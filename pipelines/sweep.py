@@ -45,6 +45,10 @@ class Sweep:
             raise IntrospectError(f"lr: {self.lr} must be a non-empty list of rates > 0")
         if self.job.config.method != "lora":
             raise IntrospectError("method: a rank sweep needs method 'lora'")
+        # Checked here, once, rather than by every trial after its workers have started.
+        for path in [self.job.train_data, self.job.val_data, *self.job.vectors]:
+            if "://" not in path and not Path(path).exists():
+                raise IntrospectError(f"data: {path} does not exist")
 
 
 def _trial(params: dict, sweep: Sweep, out: str, datasets: dict) -> None:
