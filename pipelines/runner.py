@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -137,7 +138,8 @@ def _remote_options(plan: Plan, kind: str) -> dict:
 
 
 # Ray's errors for a stage whose worker process, or the node under it, went away: a box lost
-# mid-plan (its Ray killed, the machine gone) ends the stages running there with one of these.
+# mid-plan (its Ray killed, the machine gone) ends the stages running there with one of these,
+# and a training whose data or workers were there with one of these behind Ray Train's error.
 _LOST = (
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.NodeDiedError,
@@ -145,28 +147,62 @@ _LOST = (
     ray.exceptions.LocalRayletDiedError,
     ray.exceptions.ObjectLostError,
 )
+# "module.SomeError: message", the line of a formatted traceback that names the error.
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error behind Ray's and Ray Train's wrappers: a task's own error, a training run's
+    first worker failure, or its controller's failure."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    for _ in range(8):  # they nest a few deep at most
+        if isinstance(e, ray.exceptions.RayTaskError) and getattr(e, "cause", None) is not None:
+            e = e.cause
+        elif isinstance(e, WorkerGroupError) and e.worker_failures:
+            e = e.worker_failures[min(e.worker_failures)]
+        elif isinstance(e, ControllerError) and e.controller_failure is not None:
+            e = e.controller_failure
+        elif isinstance(getattr(e, "_base_exc", None), BaseException):  # a Train worker's error
+            e = e._base_exc
+        else:
+            break
+    return e
 
 
 def _failure(e: BaseException) -> str:
     """A failed unit's one line: an IntrospectError as is, anything else with its type; a stage
-    that lost its Ray worker or node says so and how to go on."""
-    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+    that lost its Ray worker or node (or data or a training worker there) says so and how to
+    go on."""
+    cause = _cause(e)
+    name = type(cause).__name__
     line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     if isinstance(cause, IntrospectError):
         return line
-    if isinstance(cause, _LOST):
+    if isinstance(cause, ray.exceptions.UnserializableException):
+        # Ray's notice, then the original traceback: name the error that traceback ends with.
+        trace = getattr(cause, "_original_stack_trace", "").splitlines()
+        named = [m for m in map(_ERROR_LINE.match, reversed(trace)) if m]
+        if named:
+            name, line = named[0].group(1), named[0].group(2).strip()
+    if isinstance(cause, _LOST) or name in {t.__name__ for t in _LOST}:
         return (
-            f"{type(cause).__name__}: {line} (the Ray worker or node running this stage was "
-            "lost; run the plan again: finished stages are skipped)"
+            f"{name}: {line} (the Ray worker or node running this stage was lost; run the plan "
+            "again: finished stages are skipped)"
         )
-    return f"{type(cause).__name__}: {line}"
+    return f"{name}: {line}"
 
 
-# Both remote functions return the failed units' lines by key ({} when all went well).
+# Both remote functions return the failed units' lines by key ({} when all went well). The
+# line is made where the error happened: some errors (a failed Ray Train run's) cannot be
+# unpickled elsewhere, and would arrive as "Failed to deserialize exception".
 @ray.remote(max_retries=0)
 def _execute_remote(plan_json: str, unit: StageRun, input_dirs: dict, storage: str) -> dict:
     plan = Plan.model_validate_json(plan_json)
-    _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+    try:
+        _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+    except Exception as e:  # noqa: BLE001 - reported as the unit's line
+        return {unit.key: _failure(e)}
     return {}
 
 

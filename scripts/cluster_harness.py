@@ -482,6 +482,15 @@ class Harness:
         finally:
             path.unlink(missing_ok=True)
 
+    def train_decisions(self, host: str = "head") -> list[str]:
+        """Ray Train's failure-policy decisions (retry or raise, and the error) from the
+        controller logs of every Ray session on a host, oldest first."""
+        logs = self.hosts[host].dir / "tmp" / "ray"  # the host's /tmp
+        files = sorted(logs.glob("session_2*/logs/train/ray-train-app-controller-*.log"),
+                       key=lambda f: f.stat().st_mtime)
+        text = "\n".join(f.read_text(errors="replace") for f in files)
+        return [text[m.start():m.start() + 800] for m in re.finditer(r"\[FailurePolicy\]", text)]
+
     def loss_plan_path(self) -> Path:
         return REPO / LOSS_BASE.parent / f".cluster-loss-{self.run_id}.yaml"
 
@@ -505,6 +514,7 @@ class Harness:
         out["summary"] = next((x for x in logs.splitlines() if " ran, " in x), "")
         self.wait_nodes(2, timeout=300)  # the head's autoscaler restarts Ray on the worker
         out["worker_back_s"] = round(time.time() - t, 1)
+        out["train_decisions"] = self.train_decisions()
         if out["status"] == "SUCCEEDED":
             return out
         out["marks_before_resubmit"] = self.complete_marks(name)

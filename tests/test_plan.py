@@ -73,12 +73,25 @@ def test_a_malformed_plan_on_the_cli_exits_2_and_writes_nothing(tmp_path):
 
 def test_a_stage_that_lost_its_ray_worker_or_node_says_so_and_what_to_do():
     import ray
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
     from pipelines.runner import _failure
 
     lost = "(the Ray worker or node running this stage was lost; run the plan again"
-    for e in (ray.exceptions.WorkerCrashedError(), ray.exceptions.NodeDiedError("node gone")):
+    node = ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")
+    for e in (ray.exceptions.WorkerCrashedError(), node):
         assert _failure(e).startswith(f"{type(e).__name__}: ") and lost in _failure(e)
+    # A training that lost a worker or its data: the error behind Ray Train's.
+    for e in (WorkerGroupError("rank 0 died", {0: node}), ControllerError(node)):
+        line = _failure(e)
+        assert line.startswith("NodeDiedError: Task failed because the node") and lost in line
+    user = WorkerGroupError("rank 0", {0: UserExceptionWithTraceback(ValueError("bad"), "tb")})
+    assert _failure(user) == "ValueError: bad"
+    # An error Ray could not unpickle: named from the traceback Ray kept.
+    trace = "Traceback (most recent call last):\n  File x\nray.exceptions.ObjectLostError: gone.\n"
+    unpickled = _failure(ray.exceptions.UnserializableException(trace))
+    assert unpickled.startswith("ObjectLostError: gone. ") and lost in unpickled
     assert _failure(ValueError("bad value")) == "ValueError: bad value"
     assert _failure(IntrospectError("stages.x: no")) == "stages.x: no"
 

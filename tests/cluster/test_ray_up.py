@@ -136,15 +136,14 @@ def test_the_plan_submitted_with_introspect_submit_succeeds_and_its_report_comes
 LOST = "was lost; run the plan again: finished stages are skipped"  # pipelines/runner.py
 
 
-def test_a_worker_lost_mid_plan_fails_its_stages_clearly_and_a_resubmit_finishes_the_rest(
-    cluster,
-):
+def test_a_worker_lost_mid_plan_fails_stages_clearly_and_a_resubmit_finishes_the_rest(cluster):
     """The worker's Ray is killed (`ray stop --force` in its namespace) as soon as a stage of a
     plan submitted with `introspect submit` runs there. The plan is tiny.yaml plus five stages
     (cluster_harness.loss_plan); tiny.yaml's own stages were finished by the test above.
 
-    Either the plan still succeeds, or it fails naming each stage the lost node took with it,
-    and once the worker is back a resubmission runs only those (and what waited on them).
+    Either the plan still succeeds, or it fails naming each stage the lost node took with it
+    (a stage that ran there, or a training whose data or workers were there), and once the
+    worker is back a resubmission runs only those and what waited on them.
     """
     out = cluster.plan_worker_loss()
     for key in ("killed_after_submit_s", "job_s_after_kill", "worker_back_s"):
@@ -167,9 +166,6 @@ def test_a_worker_lost_mid_plan_fails_its_stages_clearly_and_a_resubmit_finishes
             assert LOST in units[key], units[key]
             assert any(e.startswith(f"error: stages.{key}: ") and LOST in e
                        for e in out["errors"]), out["errors"]
-        # Only stages that had an attempt on the worker failed.
-        on_worker = {a["unit"] for a in out["record"]["stages"] if a["ip"] == ch.WORKER_IP}
-        assert failed <= on_worker, (failed, out["record"])
         # The resubmission completes, runs only what had not finished, and redoes nothing.
         again = out["resubmit"]
         assert again["rc"] == 0 and again["units"] is not None, again
