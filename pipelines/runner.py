@@ -139,7 +139,8 @@ def _remote_options(plan: Plan, kind: str) -> dict:
 
 # Ray's errors for a stage whose worker process, or the node under it, went away: a box lost
 # mid-plan (its Ray killed, the machine gone) ends the stages running there with one of these,
-# and a training whose data or workers were there with one of these behind Ray Train's error.
+# and a training whose workers, data or Ray Data's helper actors were there with one of these
+# (seen: ActorDiedError), possibly behind Ray Train's error.
 _LOST = (
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.NodeDiedError,
@@ -185,12 +186,23 @@ def _failure(e: BaseException) -> str:
         named = [m for m in map(_ERROR_LINE.match, reversed(trace)) if m]
         if named:
             name, line = named[0].group(1), named[0].group(2).strip()
-    if isinstance(cause, _LOST) or name in {t.__name__ for t in _LOST}:
+    if isinstance(cause, _LOST) or name in _names(_LOST):
         return (
-            f"{name}: {line} (the Ray worker or node running this stage was lost; run the plan "
+            f"{name}: {line} (a Ray worker or node this stage used was lost; run the plan "
             "again: finished stages are skipped)"
         )
     return f"{name}: {line}"
+
+
+def _names(types: tuple[type, ...]) -> set[str]:
+    """The names of these classes and of all their subclasses (ActorDiedError, ...)."""
+    names, todo = set(), list(types)
+    while todo:
+        t = todo.pop()
+        if t.__name__ not in names:
+            names.add(t.__name__)
+            todo.extend(t.__subclasses__())
+    return names
 
 
 # Both remote functions return the failed units' lines by key ({} when all went well). The

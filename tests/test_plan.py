@@ -78,7 +78,7 @@ def test_a_stage_that_lost_its_ray_worker_or_node_says_so_and_what_to_do():
 
     from pipelines.runner import _failure
 
-    lost = "(the Ray worker or node running this stage was lost; run the plan again"
+    lost = "(a Ray worker or node this stage used was lost; run the plan again"
     node = ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")
     for e in (ray.exceptions.WorkerCrashedError(), node):
         assert _failure(e).startswith(f"{type(e).__name__}: ") and lost in _failure(e)
@@ -92,6 +92,9 @@ def test_a_stage_that_lost_its_ray_worker_or_node_says_so_and_what_to_do():
     trace = "Traceback (most recent call last):\n  File x\nray.exceptions.ObjectLostError: gone.\n"
     unpickled = _failure(ray.exceptions.UnserializableException(trace))
     assert unpickled.startswith("ObjectLostError: gone. ") and lost in unpickled
+    trace = "Traceback:\nray.exceptions.ActorDiedError: The actor died.\n"
+    unpickled = _failure(ray.exceptions.UnserializableException(trace))
+    assert unpickled.startswith("ActorDiedError: The actor died. ") and lost in unpickled
     assert _failure(ValueError("bad value")) == "ValueError: bad value"
     assert _failure(IntrospectError("stages.x: no")) == "stages.x: no"
 

@@ -5,8 +5,8 @@ The plan runner names each stage's Ray task `stage:<unit>` (e.g. `stage:b1-b[bas
 
     state_probe.py watch ADDRESS SUBMISSION_ID NODE_IP TIMEOUT
         Wait until a stage of the job runs on the node at NODE_IP: a `stage:` task running
-        there, or a Ray Train worker alive there. Print one JSON line (what runs there) and exit
-        0; exit 1 after TIMEOUT seconds.
+        there, or a Ray Train worker alive there. Print one JSON line (those stages, and every
+        actor alive there) and exit 0; exit 1 after TIMEOUT seconds.
     state_probe.py record ADDRESS SUBMISSION_ID
         Print one JSON line: every attempt of every `stage:` task of the job and every Ray Train
         worker it started, each with its state and its node's IP.
@@ -52,7 +52,13 @@ def watch(address: str, submission_id: str, node_ip: str, timeout: float) -> Non
                                                         ("class_name", "=", TRAIN_WORKER)],
                               raise_on_missing_output=False)
         if stages or workers:
+            # Every actor living there, of any job: Ray Data's cluster-wide helpers (detached,
+            # pinned to the node of the first Ray Data user) may be among them.
+            actors = list_actors(address=address, filters=[("node_id", "=", node),
+                                                           ("state", "=", "ALIVE")],
+                                 raise_on_missing_output=False)
             print(json.dumps({"stages": stages, "train_workers": len(workers),
+                              "actors": sorted(a.class_name for a in actors),
                               "seen_after_s": round(time.time() - t0, 1)}))
             return
         time.sleep(1)
