@@ -34,7 +34,7 @@ test: install
 	$(OFFLINE) $(VENV)/bin/pytest -q -rs --durations=10
 
 # Real `ray up` of ray_cluster.yaml on two network-namespace hosts with sshd, token auth and
-# an SSH tunnel (docs/cluster.md). Needs root and Linux; ~10-15 min; not part of `make test`.
+# an SSH tunnel (docs/cluster.md). Needs root and Linux; ~10 min; `.ci/run` runs it after `make test` where it can.
 test-cluster: install
 	$(OFFLINE) $(VENV)/bin/pytest -q -rs -s -m cluster tests/cluster --durations=10
 
