@@ -26,6 +26,7 @@ from introspect.evals.common import (
     load_model,
     markdown_table,
     mean_ci,
+    model_label,
     parse_config,
     positive,
     question_prompt,
@@ -191,7 +192,7 @@ def run_behavioral(
     )
     results = trials.merge(scores, on="key")
     metrics = behavioral_metrics(results)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics.update(config=asdict(cfg), label=label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from introspect.evals.common import (
     load_model,
     markdown_table,
     mean_ci,
+    model_label,
     parse_config,
     positive,
     rate,
@@ -353,7 +354,7 @@ def run_calibration(
     )
     scored = score_prompts(trials.merge(raw, on="key"), cfg.epsilon)
     metrics = calibration_metrics(scored)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics.update(config=asdict(cfg), label=label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,11 @@ def row_seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
+def model_label(cfg) -> str:
+    """The name a summary shows for the evaluated model: ``cfg.label``, else model + adapter."""
+    return cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+
+
 def in_process(lm: LoadedModel):
     """The default mapper: ``mapper(fn, rows, **opts)`` runs a per-shard function on all rows
     in this process. A plan runner passes its own mapper to fan the rows out over model hosts

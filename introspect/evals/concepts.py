@@ -33,6 +33,7 @@ from introspect.evals.common import (
     in_process,
     load_model,
     markdown_table,
+    model_label,
     parse_config,
     positive,
     rate,
@@ -397,7 +398,7 @@ def run_concepts(
     results = trials.merge(answers, on="key")
     judged = judge(results, Embedder(cfg.embedder))
     metrics = concept_metrics(judged)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics.update(
         config=asdict(cfg), label=label, layers=[start, end], residual_norm=scale, layer=layer
     )

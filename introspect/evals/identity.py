@@ -21,6 +21,7 @@ from introspect.evals.common import (
     in_process,
     load_model,
     markdown_table,
+    model_label,
     parse_config,
     positive,
     read_json,
@@ -200,7 +201,7 @@ def run_identity(
     results = trials.merge(responses, on="key")
     out = Path(out_dir)
     metrics = identity_metrics(results, out)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics.update(config=asdict(cfg), label=label)
     first = results[results["sample"] == 0].groupby("category", sort=False).head(1)
     examples = list(zip(first["question"], first["response"], strict=True))

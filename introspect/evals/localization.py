@@ -34,6 +34,7 @@ from introspect.evals.common import (
     in_process,
     load_model,
     markdown_table,
+    model_label,
     parse_config,
     positive,
     rate,
@@ -331,7 +332,7 @@ def run_localization(
     cfg = parse_config(LocalizationConfig, config, FULL)
     lm = lm or load_model(cfg)
     results, per_question = evaluate_localization(lm, cfg, mapper=mapper)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics = {"questions": per_question, "config": asdict(cfg), "label": label}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from introspect.evals.common import (
     in_process,
     load_model,
     markdown_table,
+    model_label,
     parse_config,
     positive,
     rate,
@@ -375,7 +376,7 @@ def run_self_prediction(
     results = trials.merge(answers, on="key")
     scored = score_rows(results)
     metrics = self_prediction_metrics(scored)
-    label = cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    label = model_label(cfg)
     metrics.update(config=asdict(cfg), label=label, n_tasks=len(metrics["tasks"]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
