@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,91 +30,14 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from introspect.activations import hidden_states
+from introspect.activations import layer_activations
 from introspect.errors import IntrospectError
 from introspect.evals.common import chat_ids
 from introspect.evals.generation import Sampling, generate
 from introspect.examples import score_examples
-from introspect.models import LoadedModel, backbone, causal_lm, load
+from introspect.logprobs import continuation_logprobs
+from introspect.models import load
 from introspect.vectors import VectorSet, load_vectors
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs and activations: plain functions of a LoadedModel with no Ray in them. They belong in
-# introspect (e.g. introspect/generation.py) and live here only until such a module exists.
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def continuation_logprobs(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    continuations: Sequence[str],
-    batch_size: int = 16,
-    chat: bool = True,
-) -> list[float]:
-    """Sum of log p(continuation tokens | prompt) for each pair, in float32.
-
-    With ``chat`` the prompt is a user turn and the continuation starts the assistant's reply.
-    Prompt and continuation are tokenised separately (the usual convention for scoring answers),
-    so the continuation's first token is what the tokenizer gives for it on its own.
-    """
-    if len(prompts) != len(continuations):
-        raise IntrospectError(
-            f"continuations: {len(continuations)} given for {len(prompts)} prompts, need one each"
-        )
-    tok = lm.tokenizer
-    rows = []
-    for i, (prompt, cont) in enumerate(zip(prompts, continuations, strict=True)):
-        if chat:
-            ctx_ids = chat_ids(tok, [{"role": "user", "content": prompt}])
-        else:
-            ctx_ids = tok.encode(prompt)
-        cont_ids = tok.encode(cont, add_special_tokens=False)
-        if not ctx_ids or not cont_ids:
-            raise IntrospectError(f"continuations: pair {i} has an empty prompt or continuation")
-        rows.append((ctx_ids, cont_ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    head = causal_lm(lm.model).get_output_embeddings()
-    out: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(c) + len(x) for c, x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (c, x) in enumerate(chunk):  # right padding: real tokens keep positions 0..n-1
-            ids[j, : len(c) + len(x)] = torch.tensor(c + x)
-            mask[j, : len(c) + len(x)] = 1
-        hidden = backbone(lm.model)(
-            input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)
-        ).last_hidden_state
-        for j, (c, x) in enumerate(chunk):
-            # Only the positions that predict continuation tokens go through the LM head.
-            logits = head(hidden[j, len(c) - 1 : len(c) + len(x) - 1]).float()
-            target = torch.tensor(x, device=logits.device)
-            out.append(float(logits.log_softmax(-1).gather(1, target[:, None]).sum()))
-    return out
-
-
-def layer_activations(
-    lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], batch_size: int = 16
-) -> np.ndarray:
-    """``[N, len(layers), d_model]`` float32 last-token outputs of the given decoder layers."""
-    layers = [int(i) for i in layers]
-    bad = [i for i in layers if not 0 <= i < lm.n_layers]
-    if not layers or bad:
-        raise IntrospectError(
-            f"layers: {bad or 'none given'} must be a non-empty list within [0, {lm.n_layers})"
-        )
-    parts = [
-        states[layers, :, -1].transpose(0, 1).float().cpu()
-        for states, _ in hidden_states(lm, texts, batch_size)
-    ]
-    return torch.cat(parts).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# The host.
-# ---------------------------------------------------------------------------------------------
 
 
 def _adapter_name(path: Path, taken: Mapping[str, str]) -> str:
@@ -203,10 +126,7 @@ class Host:
     def _model(self):
         """The LoadedModel as the active adapter sees it (base = every adapter disabled)."""
         disable = getattr(self.lm.model, "disable_adapter", None)
-        if self.active is None and callable(disable):
-            with disable():
-                yield self.lm
-        else:
+        with disable() if self.active is None and callable(disable) else nullcontext():
             yield self.lm
 
     # -- serving -------------------------------------------------------------------------------
@@ -240,8 +160,7 @@ class Host:
         """
         if not isinstance(vector_sets, Mapping):
             vector_sets = {vs.name: vs for vs in map(self._vector_file, vector_sets)}
-        with self._model() as lm:
-            return score_examples(lm, examples, vector_sets, batch_size, info_prompt)
+        return self.call(score_examples, examples, vector_sets, batch_size, info_prompt)
 
     def _vector_file(self, path: str | os.PathLike) -> VectorSet:
         key = str(Path(path).resolve())
@@ -268,16 +187,14 @@ class Host:
     def logprobs(
         self, prompts: Sequence[str], continuations: Sequence[str], **kwargs
     ) -> list[float]:
-        """Summed log-probabilities of continuations (:func:`continuation_logprobs`)."""
-        with self._model() as lm:
-            return continuation_logprobs(lm, prompts, continuations, **kwargs)
+        """:func:`introspect.logprobs.continuation_logprobs` of the continuations."""
+        return self.call(continuation_logprobs, prompts, continuations, **kwargs)
 
     def activations(
         self, texts: Sequence[str], layers: Sequence[int], batch_size: int = 16
     ) -> np.ndarray:
-        """``[N, len(layers), d_model]`` last-token layer outputs (:func:`layer_activations`)."""
-        with self._model() as lm:
-            return layer_activations(lm, texts, layers, batch_size)
+        """:func:`introspect.activations.layer_activations`: ``[N, len(layers), d_model]``."""
+        return self.call(layer_activations, texts, layers, batch_size)
 
     def call(self, fn, *args, **kwargs):
         """``fn(lm, *args, **kwargs)`` under the active adapter; fn must be picklable."""
@@ -298,11 +215,6 @@ class Host:
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 2
 ModelHost = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)(Host)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pools.
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass

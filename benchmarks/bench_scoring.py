@@ -12,6 +12,7 @@ timing, the medians and the ratios of the medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -26,12 +27,6 @@ from introspect.data import DataConfig, make_examples
 from introspect.detection import build_prompt, score_detection
 from introspect.examples import to_detection_examples
 from introspect.vectors import VectorSet, random_vectors
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -49,7 +44,9 @@ def main() -> None:
     lm = models.load(args.model, dtype=args.dtype)
     vs = VectorSet(random_vectors(lm.d_model, 20, 0), args.model, "random", 20, name="bench")
     # Every row steered, so the overhead comparison steers all of them.
-    config = DataConfig(n=4 * args.n, steered_fraction=1.0, magnitudes=[10.0], seed=0)
+    config = DataConfig(
+        n=4 * args.n, steered_fraction=1.0, magnitudes=[10.0], magnitude_mode="absolute", seed=0
+    )
     df = make_examples(config, lm.n_layers, vs)
     # Distinct texts only: scoring shares the result of identical unsteered trials, which would
     # let the unsteered side do less work than the steered one.
@@ -62,21 +59,20 @@ def main() -> None:
         for p in (build_prompt(lm.tokenizer, e) for e in steered)
     )
 
+    score = functools.partial(score_detection, lm.model, lm.tokenizer)
     runs = {
-        "batched_steered": lambda: score_detection(
-            lm.model, lm.tokenizer, steered, args.batch_size
-        ),
-        "batched_unsteered": lambda: score_detection(
-            lm.model, lm.tokenizer, plain, args.batch_size
-        ),
-        "per_example_steered": lambda: score_detection(lm.model, lm.tokenizer, steered, 1),
+        "batched_steered": lambda: score(steered, args.batch_size),
+        "batched_unsteered": lambda: score(plain, args.batch_size),
+        "per_example_steered": lambda: score(steered, 1),
     }
     for fn in runs.values():  # warm-up: allocator, kernels, tokenizer caches
         fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            times[name].append(timed(fn))
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -101,15 +97,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in ("examples_per_s", "steering_overhead", "batched_speedup_vs_per_example")
-            },
-            indent=2,
-        )
-    )
+    shown = ("examples_per_s", "steering_overhead", "batched_speedup_vs_per_example")
+    print(json.dumps({k: result[k] for k in shown}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
+# The B1 numbers kept per tier, in this order.
+TIER_KEYS = (
+    "accuracy",
+    "tpr",
+    "fpr",
+    "d_prime",
+    "auroc",
+    "n_steered",
+    "n_unsteered",
+    "ci",
+    "mean_p_yes_steered",
+    "mean_p_yes_unsteered",
+)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -18,41 +32,21 @@ def main() -> None:
     for eval_dir in sorted((root / "eval").glob("*/metrics.json")):
         name = eval_dir.parent.name
         metrics = json.loads(eval_dir.read_text())
-        entry = {
-            "tiers": {
-                tier: {
-                    k: m[k]
-                    for k in (
-                        "accuracy",
-                        "tpr",
-                        "fpr",
-                        "d_prime",
-                        "auroc",
-                        "n_steered",
-                        "n_unsteered",
-                        "ci",
-                        "mean_p_yes_steered",
-                        "mean_p_yes_unsteered",
-                    )
-                }
-                for tier, m in metrics["tiers"].items()
-            }
-        }
+        entry = {"tiers": {t: {k: m[k] for k in TIER_KEYS} for t, m in metrics["tiers"].items()}}
         if "food" in metrics:
             entry["food_task"] = {
                 k: metrics["food"][k] for k in ("accuracy", "n_steered", "n_unsteered", "ci")
             }
         train = root / "train" / name
         if (train / "metrics.json").exists():
-            entry["training"] = json.loads((train / "metrics.json").read_text())
-            entry["training"]["config"] = json.loads((train / "config.json").read_text())
+            training = entry["training"] = json.loads((train / "metrics.json").read_text())
+            training["config"] = json.loads((train / "config.json").read_text())
             log = [json.loads(x) for x in (train / "log.jsonl").read_text().splitlines()]
-            entry["training"]["val_curve"] = [
+            training["val_curve"] = [
                 (r["step"], r["val_accuracy"]) for r in log if "val_accuracy" in r
             ]
-            entry["training"]["median_examples_per_s"] = sorted(r["examples_per_s"] for r in log)[
-                len(log) // 2
-            ]
+            rates = sorted(r["examples_per_s"] for r in log)
+            training["median_examples_per_s"] = rates[len(log) // 2]
         result["models"][name] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

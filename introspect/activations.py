@@ -7,43 +7,32 @@ layer ``i`` adds to, so a vector read at a layer can be injected back at that la
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
+import numpy as np
 import torch
 
-from introspect.models import LoadedModel, backbone, decoder_layers
-
-
-def _chat_batches(lm: LoadedModel, prompts: Sequence[str], batch_size: int):
-    """Left-padded batches of user prompts in the model's chat template (ready to answer)."""
-    tok = lm.tokenizer
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for start in range(0, len(texts), batch_size):
-        ids = [tok.encode(t, add_special_tokens=False) for t in texts[start : start + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x) :] = torch.tensor(x)
-            mask[i, width - len(x) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        yield input_ids.to(lm.device), mask.to(lm.device), positions.to(lm.device)
+from introspect.errors import IntrospectError
+from introspect.logprobs import user_turn_ids
+from introspect.models import LoadedModel, backbone, decoder_layers, padded
 
 
 @torch.no_grad()
 def hidden_states(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16):
     """Yield ``(states, mask)`` per batch: ``states`` is ``[n_layers, B, T, d]`` layer outputs.
 
-    Read with forward hooks on the decoder layers rather than ``output_hidden_states``, whose
-    last entry has the final norm applied: this way every layer means the same thing.
+    The prompts are user turns in the chat template, left-padded so every row ends in the last
+    column. Read with forward hooks on the decoder layers rather than ``output_hidden_states``,
+    whose last entry has the final norm applied: this way every layer means the same thing.
     """
     layers = decoder_layers(lm.model)
-    for input_ids, mask, positions in _chat_batches(lm, prompts, batch_size):
+    tok = lm.tokenizer
+    rows = [user_turn_ids(tok, p) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(rows), batch_size):
+        input_ids, mask = padded(rows[start : start + batch_size], pad, left=True)
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
         captured: list[torch.Tensor] = []
 
         def grab(_module, _inputs, output, captured=captured):
@@ -62,10 +51,8 @@ def last_token_activations(
     lm: LoadedModel, prompts: Sequence[str], layer: int, batch_size: int = 16
 ) -> torch.Tensor:
     """``[N, d_model]`` float32 output of decoder layer ``layer`` at each prompt's last token."""
-    rows = [
-        states[layer, :, -1].float().cpu() for states, _ in hidden_states(lm, prompts, batch_size)
-    ]
-    return torch.cat(rows)
+    batches = hidden_states(lm, prompts, batch_size)
+    return torch.cat([states[layer, :, -1].float().cpu() for states, _ in batches])
 
 
 def residual_norms(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> list[float]:
@@ -97,7 +84,19 @@ def base_residual_norms(
     own norms are used.)
     """
     disable = getattr(lm.model, "disable_adapter", None)
-    if callable(disable):
-        with disable():
-            return residual_norms(lm, prompts, batch_size)
-    return residual_norms(lm, prompts, batch_size)
+    with disable() if callable(disable) else nullcontext():
+        return residual_norms(lm, prompts, batch_size)
+
+
+def layer_activations(
+    lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 16
+) -> np.ndarray:
+    """``[N, len(layers), d_model]`` float32 last-token outputs of the given decoder layers."""
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < lm.n_layers]
+    if not layers or bad:
+        raise IntrospectError(
+            f"layers: {bad or 'none given'} must be a non-empty list within [0, {lm.n_layers})"
+        )
+    batches = hidden_states(lm, prompts, batch_size)
+    return torch.cat([s[layers, :, -1].transpose(0, 1).float().cpu() for s, _ in batches]).numpy()

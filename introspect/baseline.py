@@ -7,7 +7,6 @@ cell and the comparison is paired.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from introspect.data import DataConfig, absolute_magnitudes, range_name
+from introspect.data import Magnitudes, absolute_magnitudes, range_name
 from introspect.errors import IntrospectError
 from introspect.examples import examples_frame, twin_rows
+from introspect.io import atomic_write, write_json, write_text
 from introspect.metrics import auroc, detection_metrics
 from introspect.vectors import VectorSet
 
@@ -38,24 +38,16 @@ def baseline_trials(
             f"n_vectors: {n_vectors} must be within [1, {vectors.vectors.shape[0]}] for "
             f"'{vectors.name}'"
         )
-    config = DataConfig(magnitudes=list(magnitudes), magnitude_mode=magnitude_mode)
-    config.validate()
+    config = Magnitudes(magnitudes=list(magnitudes), magnitude_mode=magnitude_mode)
     mags = absolute_magnitudes(config, n_layers, norms)
     rng = np.random.default_rng(seed)
+    keys = ("context_prompts", "assistant_responses", "detection_questions")
     rows = []
     for v in range(n_vectors):
         for (start, end), cell_mags in mags.items():
             for magnitude in cell_mags:
-                context = prompts["context_prompts"][rng.integers(len(prompts["context_prompts"]))]
-                reply = prompts["assistant_responses"][
-                    rng.integers(len(prompts["assistant_responses"]))
-                ]
-                question = prompts["detection_questions"][
-                    rng.integers(len(prompts["detection_questions"]))
-                ]
-                rows += twin_rows(
-                    vectors.name, v, start, end, magnitude, context, reply, question, "baseline"
-                )
+                texts = [prompts[k][rng.integers(len(prompts[k]))] for k in keys]
+                rows += twin_rows(vectors.name, v, start, end, magnitude, *texts, "baseline")
     return examples_frame(rows)
 
 
@@ -95,15 +87,12 @@ def write_baseline(
     from introspect.plots import range_magnitude_heatmap
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     write_examples(scores, out / "scores.parquet")
-    table.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(markdown_table(table))
+    atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_text(out / "table.md", markdown_table(table))
     overall = detection_metrics(scores.steered.to_numpy(), scores.p_yes.to_numpy())
     summary = {"config": config, "overall": overall.to_dict(), "cells": table.to_dict("records")}
-    tmp = out / ".baseline.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "baseline.json")
+    write_json(out / "baseline.json", summary)
     range_magnitude_heatmap(
         table,
         "delta",

@@ -9,9 +9,9 @@ the same step into its own ``step-N`` directory (``ZERO_TAG``, see :mod:`introsp
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,26 +19,54 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from introspect.errors import IntrospectError
+from introspect.io import write_json
 
 COMPLETE = "COMPLETE"
 ZERO_TAG = "zero"  # the subdirectory of a checkpoint that holds DeepSpeed's per-worker shards
+TMP_PREFIX = ".tmp-"  # directories being written (see replace_dir); never read as results
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def replace_dir(final: Path, fill: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """``fill(tmp)`` fills a fresh hidden directory beside ``final``, which then takes its place.
+
+    A directory cannot be renamed over a full one, so an existing ``final`` is first renamed
+    aside and deleted after the swap: at every moment ``final`` is either the old directory or
+    the new one, never a half-written one. With ``keep_existing`` an existing ``final`` wins
+    (another process finished the same work first) and the new copy is discarded.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if not final.exists():
+            os.replace(tmp, final)
+        elif keep_existing:
+            shutil.rmtree(tmp)
+        else:
+            old = tmp.with_name(f"{tmp.name}-old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` fills a temporary directory; marked complete, it becomes ``step-N``."""
-    final = run_dir / "checkpoints" / f"step-{step:06d}"
-    tmp = run_dir / "checkpoints" / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    (tmp / COMPLETE).write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+
+    def fill(tmp: Path) -> None:
+        write(tmp)
+        (tmp / COMPLETE).write_text(str(step))
+
+    return replace_dir(run_dir / "checkpoints" / f"step-{step:06d}", fill)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
@@ -47,15 +75,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     def write(tmp: Path) -> None:
         weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                **state,
-            },
-            tmp / "state.pt",
-        )
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save({**saved, "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")
 
     return write_checkpoint(run_dir, step, write)
 
@@ -106,8 +127,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
-    for p in done[:-keep]:
+    """Keep the newest ``keep`` complete checkpoints; also clear what a killed save left behind.
+
+    Only the run's single writer calls this (every ZeRO-3 worker writes its own run directory),
+    so a temporary directory found here belongs to no save in progress.
+    """
+    ckpts = run_dir / "checkpoints"
+    done = sorted(p for p in ckpts.glob("step-*") if (p / COMPLETE).exists())
+    for p in done[:-keep] + sorted(ckpts.glob(f"{TMP_PREFIX}*")):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -116,11 +143,11 @@ def export_model(model, tokenizer, out: Path, meta: dict, state_dict: dict | Non
 
     ``state_dict`` stands in for the model's own weights when those are sharded (ZeRO-3).
     """
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if meta.get("method") == "full":
-        tokenizer.save_pretrained(tmp)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if meta.get("method") == "full":
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "meta.json", meta)
+
+    replace_dir(out, fill)

@@ -7,26 +7,28 @@
 * ``flipped-labels`` - ``original`` with half of the labels flipped at random, steering unchanged:
   a model that learns this has learned something other than detection.
 
-Magnitudes are absolute, or (``magnitude_mode="relative"``) factors of the mean residual norm of
-the steered layers, since models differ in scale (SmolLM2-135M's norms grow from ~50 to ~680).
+Magnitudes are factors of the mean residual norm of the steered layers (the default), or absolute
+(``magnitude_mode="absolute"``; the reference's 5/10/20/30 when none are given), since models
+differ in scale (SmolLM2-135M's norms grow from ~50 to ~680).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
+from introspect.config import Config
 from introspect.errors import IntrospectError
 from introspect.examples import COLUMNS
 from introspect.vectors import VectorSet
 
-VARIANTS = ("original", "vague-prompt", "food-control", "flipped-labels")
 PROMPT_KEYS = (
     "context_prompts",
     "food_context_prompts",
@@ -36,36 +38,43 @@ PROMPT_KEYS = (
     "food_question",
     "info_prompt",
 )
+REFERENCE_MAGNITUDES = [5.0, 10.0, 20.0, 30.0]  # the reference's absolute magnitudes
+RELATIVE_MAGNITUDES = [0.05, 0.1, 0.2, 0.3]  # factors of the layer range's residual norm
 
 
-@dataclass
-class DataConfig:
-    """How to draw one data set. Every field has a default; validated by :meth:`validate`."""
+class Magnitudes(Config):
+    """Steering strengths: factors of each layer range's mean residual norm (the default, which
+    works on any model), or absolute norms. ``magnitude_mode: absolute`` with no magnitudes
+    given is the reference's 5/10/20/30, for replication."""
 
-    variant: str = "original"
-    n: int = 1000
-    val_fraction: float = 0.1
-    seed: int = 0
-    steered_fraction: float = 0.5
-    magnitudes: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0, 30.0])
-    magnitude_mode: str = "absolute"  # or "relative": magnitudes are factors of the residual norm
-    flip_fraction: float = 0.5
+    magnitudes: list[Annotated[float, Field(gt=0)]] = Field(
+        RELATIVE_MAGNITUDES,
+        min_length=1,
+        description="steering magnitudes (relative: factors of the residual norm)",
+    )
+    magnitude_mode: Literal["relative", "absolute"] = Field(
+        "relative", description="relative (factors of the residual norm) or absolute"
+    )
 
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise IntrospectError(f"variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
-        if self.n < 2:
-            raise IntrospectError(f"n: {self.n} must be >= 2")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise IntrospectError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
-        if not 0.0 <= self.steered_fraction <= 1.0:
-            raise IntrospectError(f"steered_fraction: {self.steered_fraction} must be in [0, 1]")
-        if not self.magnitudes or any(m <= 0 for m in self.magnitudes):
-            raise IntrospectError(f"magnitudes: {self.magnitudes} must be a non-empty list of > 0")
-        if self.magnitude_mode not in ("absolute", "relative"):
-            raise IntrospectError(
-                f"magnitude_mode: {self.magnitude_mode!r} must be 'absolute' or 'relative'"
-            )
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_magnitudes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("magnitude_mode") == "absolute":
+            return {"magnitudes": REFERENCE_MAGNITUDES, **data}
+        return data
+
+
+class DataConfig(Magnitudes):
+    """How to draw one data set."""
+
+    variant: Literal["original", "vague-prompt", "food-control", "flipped-labels"] = Field(
+        "original", description="seed 002's data variant"
+    )
+    n: int = Field(1000, ge=2, description="examples (train + validation)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share held out for validation")
+    seed: int = Field(0, description="random seed")
+    steered_fraction: float = Field(0.5, ge=0, le=1, description="share of steered examples")
+    flip_fraction: float = Field(0.5, ge=0, le=1, description="flipped-labels: share flipped")
 
 
 def _read_json(path) -> dict:
@@ -132,11 +141,8 @@ def absolute_magnitudes(
         return {r: list(config.magnitudes) for r in ranges}
     if norms is None or len(norms) != n_layers:
         raise IntrospectError("magnitude_mode: 'relative' needs the model's per-layer norms")
-    out = {}
-    for start, end in ranges:
-        scale = float(np.mean(norms[start:end]))
-        out[(start, end)] = [round(f * scale, 3) for f in config.magnitudes]
-    return out
+    scales = {(start, end): float(np.mean(norms[start:end])) for start, end in ranges}
+    return {r: [round(f * scale, 3) for f in config.magnitudes] for r, scale in scales.items()}
 
 
 def make_examples(
@@ -147,7 +153,6 @@ def make_examples(
     norms: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Draw ``config.n`` rows of the chosen variant; the same config gives the same rows."""
-    config.validate()
     prompts = prompts or default_prompts()
     rng = np.random.default_rng(config.seed)
     n = config.n
@@ -155,50 +160,47 @@ def make_examples(
         raise IntrospectError(f"vectors: '{vectors.name}' has no training rows (n_train = 0)")
 
     if config.variant == "food-control":
-        is_food = rng.permutation(np.arange(n) < n // 2)
+        label = rng.permutation(np.arange(n) < n // 2)  # is the context about food
         food, other = prompts["food_context_prompts"], prompts["context_prompts"]
         contexts = [
-            food[rng.integers(len(food))] if f else other[rng.integers(len(other))] for f in is_food
+            food[rng.integers(len(food))] if f else other[rng.integers(len(other))] for f in label
         ]
-        rows = {
-            "steered": np.zeros(n, dtype=bool),
-            "vector_idx": [None] * n,
-            "layer_start": np.zeros(n, dtype=np.int64),
-            "layer_end": np.zeros(n, dtype=np.int64),
-            "magnitude": np.zeros(n),
-            "context_prompt": contexts,
-            "detection_question": [prompts["food_question"]] * n,
-            "label": is_food,
-        }
+        steered = np.zeros(n, dtype=bool)
+        vector_idx = [None] * n
+        starts = ends = np.zeros(n, dtype=np.int64)
+        magnitude = np.zeros(n)
+        questions = [prompts["food_question"]] * n
     else:
         steered = rng.permutation(np.arange(n) < round(n * config.steered_fraction))
         ranges = list(layer_ranges(n_layers).values())
         mags = absolute_magnitudes(config, n_layers, norms)
-        questions = prompts[
-            "vague_questions" if config.variant == "vague-prompt" else "detection_questions"
-        ]
         r_idx = rng.integers(len(ranges), size=n)
         m_idx = rng.integers(len(config.magnitudes), size=n)
         v_idx = rng.integers(vectors.n_train, size=n)
-        starts = np.array([ranges[i][0] for i in r_idx])
-        ends = np.array([ranges[i][1] for i in r_idx])
-        magnitude = np.array([mags[ranges[r]][m] for r, m in zip(r_idx, m_idx, strict=True)])
+        vector_idx = [int(v) if s else None for v, s in zip(v_idx, steered, strict=True)]
+        starts = np.where(steered, [ranges[i][0] for i in r_idx], 0)
+        ends = np.where(steered, [ranges[i][1] for i in r_idx], 0)
+        magnitude = [mags[ranges[r]][m] for r, m in zip(r_idx, m_idx, strict=True)]
+        magnitude = np.where(steered, magnitude, 0.0)
         label = steered.copy()
         if config.variant == "flipped-labels":
             label ^= rng.random(n) < config.flip_fraction
-        rows = {
-            "steered": steered,
-            "vector_idx": [int(v) if s else None for v, s in zip(v_idx, steered, strict=True)],
-            "layer_start": np.where(steered, starts, 0),
-            "layer_end": np.where(steered, ends, 0),
-            "magnitude": np.where(steered, magnitude, 0.0),
-            "context_prompt": [
-                prompts["context_prompts"][i]
-                for i in rng.integers(len(prompts["context_prompts"]), size=n)
-            ],
-            "detection_question": [questions[i] for i in rng.integers(len(questions), size=n)],
-            "label": label,
-        }
+        other = prompts["context_prompts"]
+        contexts = [other[i] for i in rng.integers(len(other), size=n)]
+        asked = prompts[
+            "vague_questions" if config.variant == "vague-prompt" else "detection_questions"
+        ]
+        questions = [asked[i] for i in rng.integers(len(asked), size=n)]
+    rows = {
+        "steered": steered,
+        "vector_idx": vector_idx,
+        "layer_start": starts,
+        "layer_end": ends,
+        "magnitude": magnitude,
+        "context_prompt": contexts,
+        "detection_question": questions,
+        "label": label,
+    }
     replies = prompts["assistant_responses"]
     df = pd.DataFrame(rows)
     df.insert(1, "vector_set", vectors.name)

@@ -15,14 +15,15 @@ position ids are computed per row, so a row's answer does not depend on its batc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from introspect.errors import IntrospectError
-from introspect.models import backbone, causal_lm
+from introspect.models import backbone, cache_kwargs, causal_lm, output_cache, padded
 from introspect.steering import Steering, position_mask, steer
 
 PREFILL = "The answer is"
@@ -71,14 +72,11 @@ class DetectionBatch:
 
 def messages(example: DetectionExample, info_prompt: str | None = None) -> tuple[list, list]:
     """The chat messages of the prefix and of the full conversation."""
-    context = (
-        example.context_prompt if not info_prompt else f"{info_prompt}\n\n{example.context_prompt}"
-    )
-    prefix = (
-        []
-        if example.system_prompt is None
-        else [{"role": "system", "content": example.system_prompt}]
-    )
+    context = example.context_prompt
+    if info_prompt:
+        context = f"{info_prompt}\n\n{context}"
+    system = example.system_prompt
+    prefix = [] if system is None else [{"role": "system", "content": system}]
     prefix += [
         {"role": "user", "content": context},
         {"role": "assistant", "content": example.assistant_response},
@@ -134,19 +132,8 @@ def build_prompt(
 
 def collate(prompts: Sequence[DetectionPrompt], pad_id: int) -> DetectionBatch:
     """Pad a list of prompts into one batch."""
-    n_prefix = max(len(p.prefix_ids) for p in prompts)
-    n_suffix = max(len(p.suffix_ids) for p in prompts)
-    b = len(prompts)
-    prefix_ids = torch.full((b, n_prefix), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((b, n_prefix), dtype=torch.long)
-    suffix_ids = torch.full((b, n_suffix), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros((b, n_suffix), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        np_, ns = len(p.prefix_ids), len(p.suffix_ids)
-        prefix_ids[i, n_prefix - np_ :] = torch.tensor(p.prefix_ids)
-        prefix_mask[i, n_prefix - np_ :] = 1
-        suffix_ids[i, :ns] = torch.tensor(p.suffix_ids)
-        suffix_mask[i, :ns] = 1
+    prefix_ids, prefix_mask = padded([p.prefix_ids for p in prompts], pad_id, left=True)
+    suffix_ids, suffix_mask = padded([p.suffix_ids for p in prompts], pad_id)
     return DetectionBatch(
         prefix_ids=prefix_ids,
         prefix_mask=prefix_mask,
@@ -165,23 +152,16 @@ def steered_cache(model: nn.Module, batch: DetectionBatch):
     # Left padding: a row's first real token sits at position 0, as it would alone.
     positions = (batch.prefix_mask.cumsum(1) - 1).clamp(min=0)
     any_steered = any(s is not None for s in batch.steerings)
-    with torch.no_grad():
-        if any_steered:
-            with steer(model, batch.steerings, mask=mask):
-                out = backbone(model)(
-                    input_ids=batch.prefix_ids,
-                    attention_mask=batch.prefix_mask,
-                    position_ids=positions,
-                    use_cache=True,
-                )
-        else:
-            out = backbone(model)(
-                input_ids=batch.prefix_ids,
-                attention_mask=batch.prefix_mask,
-                position_ids=positions,
-                use_cache=True,
-            )
-    return out.past_key_values
+    steering = steer(model, batch.steerings, mask=mask) if any_steered else nullcontext()
+    inner = backbone(model)
+    with torch.no_grad(), steering:
+        out = inner(
+            input_ids=batch.prefix_ids,
+            attention_mask=batch.prefix_mask,
+            position_ids=positions,
+            use_cache=True,
+        )
+    return output_cache(inner, out)
 
 
 def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tensor:
@@ -193,12 +173,13 @@ def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tenso
         batch.suffix_ids.shape[1], device=batch.suffix_ids.device
     )
     attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
-    hidden = backbone(model)(
+    inner = backbone(model)
+    hidden = inner(
         input_ids=batch.suffix_ids,
         attention_mask=attention,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwargs(inner, cache),
     ).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.suffix_lens - 1]
     return causal_lm(model).get_output_embeddings()(last)
@@ -232,9 +213,12 @@ def score_detection(
     examples: Sequence[DetectionExample],
     batch_size: int = 16,
     info_prompt: str | None = None,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DetectionScores:
     """Score trials in batches; results come back in the input order.
+
+    ``progress(done, total)`` is called before the first batch and after each one, counting the
+    distinct trials scored (``total`` can be below ``len(examples)``; see below).
 
     Trials are grouped by length so batches carry little padding; padding does not change any
     row's answer, so the grouping only changes speed. Unsteered trials with the same tokens
@@ -254,12 +238,9 @@ def score_detection(
     mass = [0.0] * len(prompts)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    starts = range(0, len(todo), batch_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="scoring", total=len(starts), transient=True)
-    for start in starts:
+    if progress is not None:
+        progress(0, len(todo))
+    for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         batch = collate([prompts[i] for i in idx], pad_id).to(device)
         with torch.no_grad():
@@ -267,6 +248,8 @@ def score_detection(
         py, m = answer_probabilities(logits, batch.answer_ids)
         for j, i in enumerate(idx):
             p_yes[i], mass[i] = float(py[j]), float(m[j])
+        if progress is not None:
+            progress(start + len(idx), len(todo))
     for i, s in enumerate(source):
         p_yes[i], mass[i] = p_yes[s], mass[s]
     return DetectionScores(p_yes=p_yes, yes_no_mass=mass)

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from introspect.detection import (
-    DetectionExample,
-    DetectionPrompt,
-    build_prompt,
-    score_detection,
-)
+from introspect.detection import DetectionExample, DetectionPrompt, build_prompt, score_detection
 from introspect.errors import IntrospectError
+from introspect.io import atomic_write
 from introspect.models import LoadedModel
 from introspect.steering import Steering
 from introspect.vectors import VectorSet
@@ -123,12 +118,10 @@ def normalise(df: pd.DataFrame, source: str = "examples") -> pd.DataFrame:
     if missing:
         raise IntrospectError(f"examples: {source} is missing field '{missing[0]}'")
     df = df.copy()
-    if "system_prompt" not in df.columns:
-        df["system_prompt"] = None
-    if "label" not in df.columns:
-        df["label"] = df["steered"]
-    if "variant" not in df.columns:
-        df["variant"] = "custom"
+    defaults = {"system_prompt": None, "label": df["steered"], "variant": "custom"}
+    for col, default in defaults.items():
+        if col not in df.columns:
+            df[col] = default
     for col in ("steered", "label"):
         if not df[col].map(lambda v: isinstance(v, bool) or v in (0, 1)).all():
             raise IntrospectError(f"examples: field '{col}' must be true/false in {source}")
@@ -148,16 +141,7 @@ def normalise(df: pd.DataFrame, source: str = "examples") -> pd.DataFrame:
 
 def write_examples(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write parquet atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def row_steerings(
@@ -211,9 +195,6 @@ def to_detection_examples(
     return [_example(row, s) for row, s in zip(df.itertuples(index=False), steerings, strict=True)]
 
 
-TOKEN_COLUMNS = ("prefix_ids", "suffix_ids", "answer_ids")
-
-
 def tokenise_examples(tokenizer, df: pd.DataFrame, info_prompt: str | None = None) -> pd.DataFrame:
     """The rows with their token ids added (``prefix_ids``, ``suffix_ids``, ``answer_ids``).
 
@@ -223,9 +204,8 @@ def tokenise_examples(tokenizer, df: pd.DataFrame, info_prompt: str | None = Non
     """
     prompts = [build_prompt(tokenizer, _example(row, None), info_prompt) for row in df.itertuples()]
     out = df.copy()
-    out["prefix_ids"] = [list(p.prefix_ids) for p in prompts]
-    out["suffix_ids"] = [list(p.suffix_ids) for p in prompts]
-    out["answer_ids"] = [list(p.answer_ids) for p in prompts]
+    for col in ("prefix_ids", "suffix_ids", "answer_ids"):
+        out[col] = [list(getattr(p, col)) for p in prompts]
     return out
 
 
@@ -251,9 +231,11 @@ def score_examples(
     vector_sets: Mapping[str, VectorSet],
     batch_size: int = 16,
     info_prompt: str | None = None,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """The scores table: the example columns plus ``p_yes`` and ``yes_no_mass``."""
+    """The scores table: the example columns plus ``p_yes`` and ``yes_no_mass``.
+
+    ``progress(done, total)``: see :func:`introspect.detection.score_detection`."""
     examples = to_detection_examples(df, vector_sets, lm.n_layers, lm.d_model)
     scores = score_detection(lm.model, lm.tokenizer, examples, batch_size, info_prompt, progress)
     out = df.copy()

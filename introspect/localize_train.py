@@ -13,22 +13,27 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
 import pandas as pd
+from pydantic import ConfigDict, Field, field_validator
+from typing_extensions import TypedDict
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
+    finish,
     load_model,
-    parse_config,
-    positive,
     read_resource,
-    write_outputs,
 )
 from introspect.evals.localization import (
     QUESTIONS,
     LocalizationConfig,
+    LocalizationTrials,
     default_vectors,
     evaluate_localization,
     localization_prompts,
@@ -38,30 +43,7 @@ from introspect.evals.localization import (
     summary_markdown,
 )
 from introspect.models import LoadedModel
-
-FULL = {"n_train": 6000, "n_val": 300, "n_per_question": 300, "train": {"epochs": 2.0}}
-
-
-@dataclass
-class LocalizeTrainConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    vectors: str | None = None  # random vector file; default random_vectors(d, 200, seed 42)
-    questions: list[str] | None = None  # trained and evaluated; default all three
-    n_train: int = 720  # training trials, split evenly over the questions
-    n_val: int = 72
-    n_per_question: int = 30  # B7 evaluation trials per question
-    strength_factors: list[float] | None = None
-    eval_base: bool = True  # also B7 on the untrained model, on the same trials
-    train: dict = field(default_factory=dict)  # TrainConfig overrides
-    seed: int = 0
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        positive(self, "n_train", "n_val", "n_per_question", "batch_size")
-        LocalizationConfig(questions=self.questions).validate()
+from introspect.train import TrainConfig, preset
 
 
 def train_defaults() -> dict:
@@ -76,6 +58,53 @@ def train_defaults() -> dict:
     }
 
 
+# A dict type of any subset of TrainConfig's fields, each checked as there (so an error names
+# ``train.<field>``); the value stays a plain dict of what was given.
+TrainOverrides = TypedDict(
+    "TrainOverrides",
+    {
+        n: Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        for n, f in TrainConfig.model_fields.items()
+    },
+    total=False,
+)
+TrainOverrides.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)
+
+
+class LocalizeTrainConfig(FullRun, LocalizationTrials, ModelConfig):
+    """Phase C: train localisation with the detection loop, then evaluate it with B7."""
+
+    FULL: ClassVar[dict] = {
+        "n_train": 6000,
+        "n_val": 300,
+        "n_per_question": 300,
+        "train": {"epochs": 2.0},
+    }
+
+    n_train: int = Field(720, ge=1, description="training trials, split evenly over the questions")
+    n_val: int = Field(72, ge=1, description="validation trials")
+    eval_base: bool = Field(True, description="also B7 on the untrained model, on the same trials")
+    train: TrainOverrides = Field(  # type: ignore[valid-type]
+        {},
+        description="TrainConfig overrides (e.g. lr, max_steps, batch_size) over the short CPU "
+        "run's defaults",
+    )
+    seed: int = Field(0, description="seed of the training trials and of training")
+
+    @field_validator("train")
+    @classmethod
+    def _a_training_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            preset("original", **{**train_defaults(), **v})
+        except IntrospectError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    def train_config(self) -> TrainConfig:
+        """The run's TrainConfig: the short-run defaults, the seed, then ``train``."""
+        return preset("original", **{**train_defaults(), "seed": self.seed, **self.train})
+
+
 def localization_data(
     lm: LoadedModel, cfg: LocalizeTrainConfig, norms: list[float]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -88,14 +117,7 @@ def localization_data(
     def draw(n: int, seed: int) -> pd.DataFrame:
         per_q = -(-n // len(qs))
         return localization_trials(
-            lm.n_layers,
-            norms,
-            range(vs.n_train),
-            per_q,
-            "train",
-            qs,
-            cfg.strength_factors,
-            seed,
+            lm.n_layers, norms, range(vs.n_train), per_q, "train", qs, cfg.strength_factors, seed
         )
 
     train = draw(cfg.n_train, cfg.seed).sample(frac=1.0, random_state=cfg.seed)
@@ -105,25 +127,27 @@ def localization_data(
 
 
 def run_localization_training(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None
+    config: LocalizeTrainConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage (Phase C): data, base B7, training, trained B7, files (run in out/run)."""
+    """Plan stage (Phase C): data, base B7, training, trained B7, files (run in out/run).
+
+    ``lm`` is trained in place (loaded from the config when not given); ``progress`` is passed
+    to the training loop."""
     from introspect import models
     from introspect.activations import base_residual_norms
-    from introspect.train import preset, train_prompts
+    from introspect.train import train_prompts
 
-    cfg = parse_config(LocalizeTrainConfig, config, FULL)
+    cfg = parse(LocalizeTrainConfig, config)
     lm = lm or load_model(cfg)
     out = Path(out_dir)
     texts = read_resource("localization.json")
     norms = base_residual_norms(lm, norm_contexts(texts))
     eval_cfg = LocalizationConfig(
-        model=cfg.model,
-        vectors=cfg.vectors,
-        n_per_question=cfg.n_per_question,
-        questions=cfg.questions,
-        strength_factors=cfg.strength_factors,
-        batch_size=cfg.batch_size,
+        model=cfg.model, **cfg.model_dump(include=set(LocalizationTrials.model_fields))
     )
     before = None
     if cfg.eval_base:
@@ -131,7 +155,7 @@ def run_localization_training(
 
     train_df, val_df = localization_data(lm, cfg, norms)
     vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
-    train_cfg = preset("original", **{**train_defaults(), "seed": cfg.seed, **cfg.train})
+    train_cfg = cfg.train_config()
     t0 = time.perf_counter()
     result = train_prompts(
         lm,
@@ -142,6 +166,7 @@ def run_localization_training(
         train_cfg,
         out / "run",
         resume=(out / "run").exists(),
+        progress=progress,
     )
     train_s = time.perf_counter() - t0
     # B7 on the best model by validation accuracy (as the detection runs are evaluated)
@@ -166,20 +191,15 @@ def run_localization_training(
         summary_markdown(after, "B7 after training (best checkpoint)", level=4)
         + "\n![B7 after training](localization_trained.png)\n"
     )
-    metrics = {
-        "before": before,
-        "after": after,
-        "training": {
-            "steps": result.steps,
-            "best_step": result.best_step,
-            "best_val_accuracy": result.best_val_accuracy,
-            "final_val_accuracy": result.final_val_accuracy,
-            "seconds": train_s,
-            "n_train": len(train_df),
-            "n_val": len(val_df),
-            "config": asdict(train_cfg),
-        },
-        "config": asdict(cfg),
-        "label": cfg.model,
+    training = {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val_accuracy": result.best_val_accuracy,
+        "final_val_accuracy": result.final_val_accuracy,
+        "seconds": train_s,
+        "n_train": len(train_df),
+        "n_val": len(val_df),
+        "config": train_cfg.model_dump(),
     }
-    return write_outputs(out, metrics, summary, {"results.parquet": results})
+    metrics = {"before": before, "after": after, "training": training}
+    return finish(cfg, out, metrics, summary, {"results.parquet": results})

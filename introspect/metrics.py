@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -145,17 +145,11 @@ class DetectionMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types for JSON: floats, ints, and intervals as 2-element lists."""
-        out: dict[str, Any] = {
-            "accuracy": float(self.accuracy),
-            "tpr": float(self.tpr),
-            "fpr": float(self.fpr),
-            "d_prime": float(self.d_prime),
-            "auroc": float(self.auroc),
-            "n_steered": int(self.n_steered),
-            "n_unsteered": int(self.n_unsteered),
-            "mean_p_yes_steered": float(self.mean_p_yes_steered),
-            "mean_p_yes_unsteered": float(self.mean_p_yes_unsteered),
-        }
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name != "ci":
+                value = getattr(self, f.name)
+                out[f.name] = int(value) if f.name.startswith("n_") else float(value)
         out["ci"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()}
         return out
 

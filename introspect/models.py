@@ -10,17 +10,19 @@ Aliases:
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import inspect
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INTROSPECT_CACHE", Path.home() / ".cache" / "introspect"))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 only where the hardware makes it fast; CPU stays fp32 so tests compare at 1e-4.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def load(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
@@ -73,17 +66,17 @@ def load(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, optionally with a PEFT adapter on top."""
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    # bf16 only where the hardware makes it fast; CPU stays fp32 so tests compare at 1e-4.
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     if name_or_path == "tiny-random":
         model, tokenizer = build_tiny_random()
-    elif name_or_path == "smollm2-135m":
-        model, tokenizer = _from_pretrained(smollm2_dir(), dtype, trust_remote_code)
     else:
-        model, tokenizer = _from_pretrained(name_or_path, dtype, trust_remote_code)
+        source = smollm2_dir() if name_or_path == "smollm2-135m" else name_or_path
+        model, tokenizer = _from_pretrained(source, dtype, trust_remote_code)
     model = model.to(device=device, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
@@ -99,7 +92,7 @@ def load(
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Only the tokenizer of a model (aliases included), for tokenising without the weights."""
-    if name_or_path in ("tiny-random", "smollm2-135m"):
+    if name_or_path in ALIASES:
         tokenizer = smollm2_tokenizer()
     else:
         from transformers import AutoTokenizer
@@ -125,7 +118,7 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype, trust_remote_code: 
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # transformers 4.x: a bad path is HFValidationError
         raise IntrospectError(
             f"model: cannot load {source!r} ({str(e).splitlines()[0]}); pass a Hugging Face id, "
             f"a local save_pretrained directory, or one of the aliases {', '.join(ALIASES)}"
@@ -166,21 +159,17 @@ def smollm2_dir() -> Path:
     for attr in ("quantization_config", "_is_quantized"):
         if hasattr(config, attr):
             delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng():  # the fresh model's random init must not move the caller's RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
-    # Atomic: a conversion killed half-way must not leave a directory that looks complete.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    try:
+    # Atomic: a conversion killed half-way must not leave a directory that looks complete; if
+    # another process finished first, its copy is kept.
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_dir(target, fill, keep_existing=True)
     return target
 
 
@@ -269,38 +258,40 @@ def dims(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def resolve_adapter(path: str | os.PathLike) -> Path:
-    """A run directory means its best model (else its final one); any other dir is used as is."""
-    path = Path(path)
-    for sub in ("best", "final"):
-        if (path / sub).is_dir():
-            return path / sub
-    return path
+def padded(
+    rows: Sequence[Sequence[int]], pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, ``[B, longest row]`` long tensors of token rows padded on the right
+    (``left``: on the left, so every row ends in the last column)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
-def evaluated_parts(
-    model: str, adapter: str | os.PathLike | None = None
-) -> tuple[str, Path | None, str | os.PathLike | None]:
-    """What :func:`load_evaluated` loads, without loading it: ``(base model, LoRA adapter
-    directory or None, mid-run checkpoint or None)``; a fully fine-tuned model is its own base."""
-    if adapter is None:
-        return model, None, None
-    adapter_dir = resolve_adapter(adapter)
-    if (adapter_dir / "trainable.safetensors").exists():
-        return model, None, adapter
-    if not (adapter_dir / "adapter_config.json").exists():
-        return str(adapter_dir), None, None  # a fully fine-tuned model directory
-    return model, adapter_dir, None
+# --------------------------------------------------------------------------- the KV cache argument
+
+# transformers 5.24 renamed the KV cache of every forward from ``past_key_values`` to ``cache``
+# (the old name warns until it goes away in 5.40); earlier releases know only the old name, and
+# would silently ignore an unknown ``cache=`` (it lands in ``**kwargs``). So the name is read from
+# each model class's own signature.
 
 
-def load_evaluated(
-    model: str, adapter: str | os.PathLike | None = None, dtype: str | None = None, device=None
-) -> LoadedModel:
-    """The model to evaluate: the base ``model``, plus a run's best/final adapter, an adapter
-    directory, a fully fine-tuned model directory, or a mid-run checkpoint (``RUN/checkpoints/
-    step-N``)."""
-    from introspect.train import load_run_checkpoint
+@functools.cache
+def _cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters  # follows the decorators' __wrapped__
+    return "cache" if "cache" in params else "past_key_values"
 
-    base, adapter_dir, checkpoint = evaluated_parts(model, adapter)
-    lm = load(base, dtype=dtype, device=device, adapter=adapter_dir)
-    return load_run_checkpoint(lm, checkpoint) if checkpoint else lm
+
+def cache_kwargs(module: nn.Module, cache) -> dict:
+    """``{name: cache}`` for ``module``'s forward, under the name its transformers version uses."""
+    return {_cache_name(type(module)): cache}
+
+
+def output_cache(module: nn.Module, output):
+    """The KV cache a forward of ``module`` returned (``output.cache`` or ``.past_key_values``)."""
+    return getattr(output, _cache_name(type(module)))

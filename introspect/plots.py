@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from introspect.io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """The figure as a PNG, written atomically; the figure is closed either way."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
 
 def heatmap(
     pivot: pd.DataFrame,
@@ -33,10 +43,8 @@ def heatmap(
         im = ax.imshow(values, cmap="RdBu_r", vmin=center - span, vmax=center + span)
     else:
         im = ax.imshow(values, cmap="viridis")
-    ax.set_xticks(
-        range(values.shape[1]),
-        [f"{c:g}" if isinstance(c, float) else str(c) for c in pivot.columns],
-    )
+    columns = [f"{c:g}" if isinstance(c, float) else str(c) for c in pivot.columns]
+    ax.set_xticks(range(values.shape[1]), columns)
     ax.set_yticks(range(values.shape[0]), [str(i) for i in pivot.index])
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
@@ -50,8 +58,7 @@ def heatmap(
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def roc_curves(scores: pd.DataFrame, path: str | os.PathLike, title: str = "ROC") -> None:
@@ -69,8 +76,7 @@ def roc_curves(scores: pd.DataFrame, path: str | os.PathLike, title: str = "ROC"
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def p_yes_histograms(scores: pd.DataFrame, path: str | os.PathLike, title: str = "p_yes") -> None:
@@ -80,10 +86,9 @@ def p_yes_histograms(scores: pd.DataFrame, path: str | os.PathLike, title: str =
     bins = np.linspace(0, 1, 26)
     for ax, tier in zip(axes[0], tiers, strict=True):
         df = scores[scores["tier"] == tier]
-        ax.hist(df.loc[df["steered"], "p_yes"], bins=bins, alpha=0.6, label="steered", color="C3")
-        ax.hist(
-            df.loc[~df["steered"], "p_yes"], bins=bins, alpha=0.6, label="unsteered", color="C0"
-        )
+        steered = df["steered"]
+        ax.hist(df.loc[steered, "p_yes"], bins=bins, alpha=0.6, label="steered", color="C3")
+        ax.hist(df.loc[~steered, "p_yes"], bins=bins, alpha=0.6, label="unsteered", color="C0")
         ax.axvline(0.5, c="k", lw=0.8, ls=":")
         ax.set_title(tier, fontsize=10)
         ax.set_xlabel("p_yes")
@@ -91,8 +96,7 @@ def p_yes_histograms(scores: pd.DataFrame, path: str | os.PathLike, title: str =
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def range_magnitude_heatmap(

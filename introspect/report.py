@@ -7,7 +7,6 @@ from the per-run metrics files, never recomputed, so the report always equals th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,9 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from introspect.errors import IntrospectError
-from introspect.tables import markdown_table
-
-TIERS = ("in_distribution", "held_out", "concepts")
+from introspect.io import markdown_table, write_text
 
 
 def _load(path: Path) -> dict | None:
@@ -33,12 +30,15 @@ def _stage_dirs(root: Path, plan: dict) -> dict[str, Path]:
         done = [p for p in done if (p / "COMPLETE").exists() or any(p.glob("*/COMPLETE"))]
         if done:
             out[name] = max(done, key=lambda p: p.stat().st_mtime)
-    if (root / "stages.json").exists():  # the runner's record of this plan's current hashes
-        current = {
-            k: root / k / h for k, h in json.loads((root / "stages.json").read_text()).items()
-        }
-        out.update({k: v for k, v in current.items() if v.exists()})
+    # The runner's record of this plan's current hashes.
+    current = _load(root / "stages.json") or {}
+    out.update({k: root / k / h for k, h in current.items() if (root / k / h).exists()})
     return out
+
+
+def _outputs(stage: dict, stage_dir: Path) -> list[Path]:
+    """Where a stage's results lie: one directory per model for an eval, else its own."""
+    return [stage_dir / m for m in stage["models"]] if stage["kind"] == "eval" else [stage_dir]
 
 
 def _ci(m: dict, key: str, digits: int = 3) -> str:
@@ -50,9 +50,9 @@ def detection_table(evals: dict[str, dict]) -> pd.DataFrame:
     """One row per (model, tier): B1 metrics with intervals, straight from metrics.json."""
     rows = []
     for model, metrics in evals.items():
-        tiers = list(metrics["tiers"].items()) + (
-            [("food", metrics["food"])] if "food" in metrics else []
-        )
+        tiers = list(metrics["tiers"].items())
+        if "food" in metrics:
+            tiers.append(("food", metrics["food"]))
         for tier, m in tiers:
             rows.append(
                 {
@@ -75,37 +75,29 @@ def verdict(model: str, preset: str | None, metrics: dict, train: dict | None) -
     lo, hi = held["ci"]["accuracy"]
     acc = f"held-out accuracy {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
     detects = lo > 0.5
-    anti = hi < 0.5
+    way = "detects" if detects else ("anti-detects" if hi < 0.5 else "does not detect")
     if preset == "food-control":
         food = metrics.get("food")
-        learned = (
-            f"it learned the food question (food accuracy {_ci(food, 'accuracy')})"
-            if food and food["ci"]["accuracy"][0] > 0.5
-            else "it did not learn the food question either"
-            if food
-            else "the food task was not evaluated"
-        )
+        if food is None:
+            learned = "the food task was not evaluated"
+        elif food["ci"]["accuracy"][0] > 0.5:
+            learned = f"it learned the food question (food accuracy {_ci(food, 'accuracy')})"
+        else:
+            learned = "it did not learn the food question either"
         shows = "shows detection of steering" if detects else "shows no detection of steering"
         return f"**{model}** (food-control): {shows} ({acc}); {learned}."
     if preset == "flipped-labels":
         val = train.get("final_val_accuracy") if train else None
-        learned = (
-            f"validation accuracy on its flipped labels is {val:.3f}"
-            + (
-                " — near chance: random labels carry nothing to learn"
-                if abs(val - 0.5) < 0.1
-                else ""
-            )
-            if val is not None
-            else "no training metrics"
-        )
-        way = "detects" if detects else ("anti-detects" if anti else "does not detect")
+        learned = "no training metrics"
+        if val is not None:
+            learned = f"validation accuracy on its flipped labels is {val:.3f}"
+            if abs(val - 0.5) < 0.1:
+                learned += " — near chance: random labels carry nothing to learn"
         return f"**{model}** (flipped-labels): {learned}; on B1 it {way} steering ({acc})."
     if model == "base":
         word = "already detects" if detects else "does not detect"
         return f"**base** (untrained): {word} steering ({acc})."
-    word = "detects" if detects else ("anti-detects" if anti else "does not detect")
-    return f"**{model}** ({preset or 'trained'}): {word} steering on held-out vectors ({acc})."
+    return f"**{model}** ({preset or 'trained'}): {way} steering on held-out vectors ({acc})."
 
 
 def _rebase(summary: str, stage_dir: Path, report_dir: Path) -> str:
@@ -171,15 +163,14 @@ def build_report(root: str | os.PathLike) -> Path:
             continue
         parts += [f"## {title}", ""]
         for n in names:
-            subdirs = [dirs[n] / m for m in stages[n]["models"]] if kind == "eval" else [dirs[n]]
-            for d in subdirs:
+            for d in _outputs(stages[n], dirs[n]):
                 if (d / "summary.md").exists():
                     parts += [_rebase((d / "summary.md").read_text(), d, root), ""]
 
     parts += ["## Time and cost per stage", "", markdown_table(cost_table(root, plan, dirs)), ""]
     text = "\n".join(parts)
-    _atomic(root / "report.md", text)
-    _atomic(root / "report.html", to_html(text, f"{plan['name']} report"))
+    write_text(root / "report.md", text)
+    write_text(root / "report.html", to_html(text, f"{plan['name']} report"))
     return root / "report.md"
 
 
@@ -189,8 +180,7 @@ def cost_table(root: Path, plan: dict, dirs: dict[str, Path]) -> pd.DataFrame:
         if name not in dirs:
             rows.append({"stage": name, "state": "not run"})
             continue
-        subdirs = [dirs[name] / m for m in s["models"]] if s["kind"] == "eval" else [dirs[name]]
-        for d in subdirs:
+        for d in _outputs(s, dirs[name]):
             t = _load(d / "timing.json")
             label = name if d == dirs[name] else f"{name}[{d.name}]"
             if t is None:
@@ -235,9 +225,3 @@ def to_html(markdown: str, title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{style}</style></head><body>{body}</body></html>\n"
     )
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{hashlib.md5(text.encode()).hexdigest()[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

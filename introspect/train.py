@@ -21,33 +21,30 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from introspect.checkpoints import (
-    COMPLETE,
     export_model,
     latest_checkpoint,
     load_checkpoint,
-    load_trainable,
     prune_checkpoints,
     save_checkpoint,
     trainable,
 )
-from introspect.detection import (
-    DetectionPrompt,
-    collate,
-    steered_cache,
-    suffix_logits,
-)
+from introspect.config import Config, parse
+from introspect.detection import DetectionPrompt, collate, detection_logits
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
+from introspect.io import write_json, write_text
 from introspect.models import LoadedModel, causal_lm
 from introspect.vectors import VectorSet
 
@@ -56,49 +53,36 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Every knob of a detection-training run. Presets fill some; any field can be overridden."""
 
-    method: str = "lora"  # "lora" or "full"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="modules LoRA wraps"
     )
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs when set
-    eval_every: int = 50
-    save_every: int = 50
-    val_max_examples: int = 256
-    keep_checkpoints: int = 2
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    data_variant: str = "original"  # the data this run expects (plans use it to pick the data)
-    info_prompt: bool = False
-
-    def validate(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise IntrospectError(f"method: {self.method!r} must be 'lora' or 'full'")
-        positive = ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_every", "save_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise IntrospectError(f"{name}: {getattr(self, name)} must be >= 1")
-        if not 0 <= self.lora_dropout < 1:
-            raise IntrospectError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
-        if not self.lr > 0:
-            raise IntrospectError(f"lr: {self.lr} must be > 0")
-        if self.max_steps is None and not self.epochs > 0:
-            raise IntrospectError(f"epochs: {self.epochs} must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise IntrospectError(f"max_steps: {self.max_steps} must be >= 1")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: float = Field(
+        2.0, gt=0, description="passes over the training data (ignored when max_steps is set)"
+    )
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    eval_every: int = Field(50, ge=1, description="validate every N steps")
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps")
+    val_max_examples: int = Field(256, ge=1, description="validation examples used")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    seed: int = Field(0, description="data order and initialisation seed")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    data_variant: str = Field(
+        "original", description="the data variant this run expects (plans check it)"
+    )
+    info_prompt: bool = Field(False, description="prepend the info prompt to every example")
 
 
 PRESETS: dict[str, dict] = {
@@ -116,15 +100,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     """A preset's config with overrides; unknown presets and fields are named in the error."""
     if name not in PRESETS:
         raise IntrospectError(f"preset: {name!r} is not one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(TrainConfig)}
-    for key in overrides:
-        if key not in known:
-            raise IntrospectError(
-                f"{key}: not a training option (known: {', '.join(sorted(known))})"
-            )
-    config = TrainConfig(**{**PRESETS[name], **overrides})
-    config.validate()
-    return config
+    return parse(TrainConfig, {**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -229,7 +205,6 @@ class TorchUpdates:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """One micro-batch's backward pass."""
         (loss / self.grad_accum).backward()
 
     def step(self, guard: Callable[[float], None]) -> float:
@@ -274,20 +249,8 @@ def label_targets(labels: Sequence) -> torch.Tensor:
 
 def answer_pair(model, prompts: Sequence[DetectionPrompt], pad_id: int) -> torch.Tensor:
     """``[B, answers]`` logits of each prompt's answer tokens (steered prefix without grad)."""
-    device = next(model.parameters()).device
-    batch = collate(prompts, pad_id).to(device)
-    cache = steered_cache(model, batch)
-    logits = suffix_logits(model, batch, cache)
-    return logits.float().gather(1, batch.answer_ids)
-
-
-def step_loss(model, prompts: Sequence[DetectionPrompt], targets: torch.Tensor, pad_id: int):
-    """Loss and number correct for one micro-batch (steered prefix without grad, suffix with)."""
-    pair = answer_pair(model, prompts, pad_id)
-    targets = targets.to(pair.device)
-    loss = F.cross_entropy(pair, targets)
-    correct = int((pair.argmax(-1) == targets).sum())
-    return loss, correct
+    batch = collate(prompts, pad_id).to(next(model.parameters()).device)
+    return detection_logits(model, batch).float().gather(1, batch.answer_ids)
 
 
 @torch.no_grad()
@@ -326,7 +289,7 @@ def train(
     config: TrainConfig,
     run_dir: str | os.PathLike,
     resume: bool = False,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     on_save: Callable[[int, Path | None, dict], None] | None = None,
     updates: Callable[[torch.nn.Module, TrainConfig, int], TorchUpdates] = TorchUpdates,
@@ -335,7 +298,6 @@ def train(
 
     Builds the prompts and hands over to :func:`train_prompts`.
     """
-    config.validate()
     from introspect.data import default_prompts
 
     info = default_prompts()["info_prompt"] if config.info_prompt else None
@@ -368,13 +330,16 @@ def train_prompts(
     config: TrainConfig,
     run_dir: str | os.PathLike,
     resume: bool = False,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     on_save: Callable[[int, Path | None, dict], None] | None = None,
     updates: Callable[[torch.nn.Module, TrainConfig, int], TorchUpdates] = TorchUpdates,
 ) -> TrainResult:
     """The training loop over tokenised trials; labels are booleans or answer indices.
 
+    ``progress(done, total)`` is called with the optimizer steps done (also once before the
+    first, so a resumed run starts where it left off) on the writing worker only; each step's
+    numbers are in ``log.jsonl`` and in ``on_save``'s record.
     ``on_step(step, model)`` runs after each optimizer step (tests use it to inject a fault).
     ``on_save(step, checkpoint_dir, record)`` runs on every worker after each checkpoint (the
     directory this worker wrote: rank 0's, or every worker's shard under ZeRO-3; None where
@@ -385,7 +350,6 @@ def train_prompts(
     process) is split across the workers and gradients are averaged, so the run follows the
     single-process run; only rank 0 writes files.
     """
-    config.validate()
     rank, size = world()
     if config.batch_size % size:
         raise IntrospectError(
@@ -400,11 +364,9 @@ def train_prompts(
     if not train_set or not val_set:
         raise IntrospectError("data: the training and validation sets must both have rows")
     if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_json = json.dumps({**asdict(config), "model": lm.name}, indent=2)
-        (run_dir / "config.json").write_text(config_json)
-    val_set, val_labels = list(val_set)[: config.val_max_examples], list(val_labels)
-    val_labels = val_labels[: config.val_max_examples]
+        write_json(run_dir / "config.json", {**config.model_dump(), "model": lm.name})
+    val_set = list(val_set)[: config.val_max_examples]
+    val_labels = list(val_labels)[: config.val_max_examples]
 
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -423,8 +385,7 @@ def train_prompts(
     elif writer and log_path.exists():
         log_path.unlink()
 
-    def meta(at: int, acc: float, loss: float) -> dict:
-        """What an exported model records about itself (meta.json)."""
+    def meta(at: int, acc: float, loss: float) -> dict:  # an export's meta.json
         return {
             "step": at,
             "val_accuracy": acc,
@@ -445,77 +406,67 @@ def train_prompts(
         )
 
     model.train()
-    bar = _progress(progress and writer, n_steps, step)
+    show = progress if writer else None
     last_good = ckpt
     val_acc, val_loss = float("nan"), float("nan")
-    with bar as p:
-        task = p.add_task("training", total=n_steps, completed=step) if p else None
-        while step < n_steps:
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for a in range(config.grad_accum):
-                idx = micro_batch(
-                    len(train_set), config.batch_size, config.seed, step * config.grad_accum + a
-                )[rank::size]
-                loss, c = step_loss(
-                    model,
-                    [train_set[i] for i in idx],
-                    label_targets([train_labels[i] for i in idx]),
-                    pad_id,
-                )
-                opt.backward(loss)
-                loss_sum += float(loss.detach())
-                correct += c
-                seen += len(idx)
-            loss_sum, correct, seen = sum_scalars([loss_sum / size, correct, seen])
-            grad_norm = opt.step(guard)
-            step += 1
-            if on_step is not None:
-                on_step(step, model)
-            record = {
-                "step": step,
-                "epoch": step * config.grad_accum * config.batch_size / len(train_set),
-                "loss": loss_sum / config.grad_accum,
-                "accuracy": correct / seen,
-                "lr": opt.lr(),
-                "grad_norm": grad_norm,
-                "examples_per_s": seen / (time.perf_counter() - t0),
-            }
-            if step % config.eval_every == 0 or step == n_steps:
-                val_acc, val_loss = validate(
-                    model, val_set, val_labels, pad_id, config.batch_size * 2
-                )
-                record.update(val_accuracy=val_acc, val_loss=val_loss)
-                if val_acc > best_acc:
-                    best_acc, best_step = val_acc, step
-                    opt.export(tok, run_dir / "best", meta(step, val_acc, val_loss))
-            if writer:
-                _append(log_path, record)
-            if step % config.save_every == 0 or step == n_steps:
-                state = {"step": step, "best_acc": best_acc, "best_step": best_step}
-                saved = opt.save(run_dir, step, state)
-                if saved is not None:
-                    prune_checkpoints(run_dir, config.keep_checkpoints)
-                    last_good = saved
-                barrier()
-                if on_save is not None:
-                    on_save(step, saved, record)
-            if p:
-                p.update(task, completed=step, description=f"training loss {record['loss']:.3f}")
+    if show is not None:
+        show(step, n_steps)
+    while step < n_steps:
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for a in range(config.grad_accum):
+            idx = micro_batch(
+                len(train_set), config.batch_size, config.seed, step * config.grad_accum + a
+            )[rank::size]
+            pair = answer_pair(model, [train_set[i] for i in idx], pad_id)
+            targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
+            loss = F.cross_entropy(pair, targets)
+            opt.backward(loss)
+            loss_sum += float(loss.detach())
+            correct += int((pair.argmax(-1) == targets).sum())
+            seen += len(idx)
+        loss_sum, correct, seen = sum_scalars([loss_sum / size, correct, seen])
+        grad_norm = opt.step(guard)
+        step += 1
+        if on_step is not None:
+            on_step(step, model)
+        record = {
+            "step": step,
+            "epoch": step * config.grad_accum * config.batch_size / len(train_set),
+            "loss": loss_sum / config.grad_accum,
+            "accuracy": correct / seen,
+            "lr": opt.lr(),
+            "grad_norm": grad_norm,
+            "examples_per_s": seen / (time.perf_counter() - t0),
+        }
+        if step % config.eval_every == 0 or step == n_steps:
+            val_acc, val_loss = validate(model, val_set, val_labels, pad_id, config.batch_size * 2)
+            record.update(val_accuracy=val_acc, val_loss=val_loss)
+            if val_acc > best_acc:
+                best_acc, best_step = val_acc, step
+                opt.export(tok, run_dir / "best", meta(step, val_acc, val_loss))
+        if writer:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % config.save_every == 0 or step == n_steps:
+            state = {"step": step, "best_acc": best_acc, "best_step": best_step}
+            saved = opt.save(run_dir, step, state)
+            if saved is not None:
+                prune_checkpoints(run_dir, config.keep_checkpoints)
+                last_good = saved
+            barrier()
+            if on_save is not None:
+                on_save(step, saved, record)
+        if show is not None:
+            show(step, n_steps)
 
     result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
     opt.export(tok, run_dir / "final", meta(step, val_acc, val_loss))
     if writer:
-        summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        write_json(run_dir / "metrics.json", asdict(result))  # the run_dir as a string
     barrier()
     return result
-
-
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -525,44 +476,4 @@ def _truncate_log(path: Path, step: int) -> None:
     keep = [
         line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
     ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _progress(enabled: bool, total: int, done: int):
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    )
-
-
-def load_run_checkpoint(lm: LoadedModel, checkpoint: str | os.PathLike) -> LoadedModel:
-    """A mid-run checkpoint (``RUN/checkpoints/step-N``) as a model ready to evaluate.
-
-    The run's ``config.json`` rebuilds the adapter (or unfreezes for full fine-tuning), then the
-    checkpoint's trainable weights are copied in. Modifies ``lm`` in place and returns it.
-    """
-    checkpoint = Path(checkpoint)
-    config_path = checkpoint.parent.parent / "config.json"
-    if not (checkpoint / COMPLETE).exists() or not config_path.exists():
-        raise IntrospectError(
-            f"checkpoint: {checkpoint} is not a complete checkpoint of a run (needs its "
-            f"{COMPLETE} marker and the run's config.json two levels up)"
-        )
-    saved = json.loads(config_path.read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    prepare_model(lm, config)
-    load_trainable(checkpoint, lm.model)
-    lm.model.eval()
-    return lm
+    write_text(path, "".join(line + "\n" for line in keep))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 from introspect.activations import last_token_activations
 from introspect.errors import IntrospectError
+from introspect.io import atomic_write
 from introspect.models import LoadedModel
 
 
@@ -72,15 +72,8 @@ def save_vectors(path: str | os.PathLike, vs: VectorSet) -> None:
         metadata["names"] = json.dumps(vs.names)
     if vs.layer is not None:
         metadata["layer"] = str(vs.layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        Path(tmp).write_bytes(_safetensors_bytes(vs.vectors, metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = _safetensors_bytes(vs.vectors, metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _safetensors_bytes(vectors: torch.Tensor, metadata: dict[str, str]) -> bytes:

@@ -30,7 +30,7 @@ from ray.exceptions import (
 
 from introspect.errors import IntrospectError
 from introspect.examples import score_examples
-from introspect.models import evaluated_parts
+from introspect.runs import evaluated_parts
 from introspect.vectors import VectorSet
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Experiment plans: a YAML file validated into a DAG of stages.
+"""Experiment plans: a YAML file validated into a DAG of stages, every stage checked in full.
 
 A plan names a model, resources, storage and a cost rate, then its stages by name::
 
@@ -7,13 +7,19 @@ A plan names a model, resources, storage and a cost rate, then its stages by nam
     stages:
       random:   {kind: vectors, type: random, n: 200, n_train: 100, seed: 42}
       original: {kind: data, vectors: random, variant: original, n: 600}
-      run-original: {kind: train, preset: original, data: original}
-      b1: {kind: eval, suite: detection, models: [base, run-original], vectors: random}
+      run-original: {kind: train, preset: original, data: original, overrides: {lr: 1e-3}}
+      b1: {kind: eval, suite: detection, models: [base, run-original], vectors: [random]}
 
-A stage's inputs are the stages it names (``vectors``, ``data``, ``models``, ``after``); a stage's
-outputs live under ``runs/<plan>/<stage>/<hash>`` where the hash covers its own config and its
-inputs' hashes, so an edit reruns exactly the stages downstream of it. Every error names the
-field, e.g. ``stages.run-original.preset: 'orignal' is not one of ...``.
+Each stage runs a recipe (:mod:`pipelines.recipes`): ``vectors`` and ``data`` stages take the
+recipe's own fields, a ``train`` stage a preset and ``overrides`` of its training fields, an
+``eval`` stage its suite's ``options``, ``stance`` and ``localize`` stages a ``config``. Loading a
+plan builds every stage's recipe config (with placeholders where a stage's inputs will go), so a
+misspelled option, a wrong type or an out-of-range value anywhere is refused before anything
+runs, in one line naming the field: ``plans/x.yaml: stages.original.overrides.lr: ...``.
+
+A stage's inputs are the stages it names (``vectors``, ``data``, ``models``, ``after``); its
+outputs live under ``runs/<plan>/<stage>/<hash>``, the hash covering its config, model and its
+inputs' hashes, so an edit reruns exactly the stages downstream of it.
 """
 
 from __future__ import annotations
@@ -21,141 +27,109 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
+from introspect.config import Config, error_line
 from introspect.errors import IntrospectError
+from introspect.io import load_yaml
 from introspect.models import ALIASES
-from introspect.train import PRESETS, TrainConfig
+from pipelines.recipes import EVAL_SUITES, recipe
+from pipelines.recipes import data as data_recipe
+from pipelines.recipes import vectors as vectors_recipe
+from pipelines.recipes.train import Preset, overrides_config
+from pipelines.sweep import SweepSettings
 
-EVAL_SUITES = (
-    "detection",
-    "behavioral",
-    "identity",
-    "self-prediction",
-    "calibration",
-    "concepts",
-    "localization",
-)
 BASE = "base"  # the untrained model in an eval's `models` list
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Stage(Config):
+    after: list[str] = Field([], description="stages that must finish first")
+    model: str | None = Field(None, description="this stage's model (default: the plan's)")
+    # The fields every stage hash covered when hashes were first kept; a field added since
+    # enters the hash only when set away from its default, so old run directories stay valid.
+    HASHED: ClassVar[tuple[str, ...]] = ()
 
 
-class _Stage(_Strict):
-    after: list[str] = []  # extra ordering: stages that must finish first
-    model: str | None = None  # default: the plan's model
-
-
-class VectorsStage(_Stage):
+class VectorsStage(_Stage, vectors_recipe.Config):
     kind: Literal["vectors"]
-    type: Literal["random", "concepts"] = "random"
-    n: int = Field(200, ge=1)
-    n_train: int | None = None  # random: rows < n_train are for training (default n // 2)
-    seed: int = 0
-    layer: int | None = None  # concepts: extraction layer (default 2/3 depth)
+    HASHED = ("kind", "type", "n", "n_train", "seed", "layer", "model")
 
 
-class DataStage(_Stage):
+class DataStage(_Stage, data_recipe.Config):
     kind: Literal["data"]
-    vectors: str
-    variant: str = "original"
-    n: int = Field(1000, ge=2)
-    val_fraction: float = 0.1
-    seed: int = 0
-    magnitudes: list[float] = [0.05, 0.1, 0.2, 0.3]
-    magnitude_mode: Literal["absolute", "relative"] = "relative"
+    vectors: str = Field(description="the vectors stage the steered rows draw from")
+    HASHED = (
+        "kind", "vectors", "variant", "n", "val_fraction", "seed", "magnitudes",
+        "magnitude_mode", "model",
+    )  # fmt: skip
 
 
 class TrainStage(_Stage):
     kind: Literal["train"]
-    preset: str = "original"
-    data: str
-    vectors: list[str] | None = None  # default: the data stage's vectors
-    overrides: dict[str, Any] = {}
-    num_workers: int = Field(1, ge=1)
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"{v!r} is not one of {', '.join(PRESETS)}")
-        return v
-
-    @field_validator("overrides")
-    @classmethod
-    def _known_fields(cls, v: dict) -> dict:
-        known = set(TrainConfig.__dataclass_fields__)
-        for key in v:
-            if key not in known:
-                raise ValueError(f"{key!r} is not a training option")
-        return v
+    preset: Preset = Field("original", description="seed 002's run (its settings and data)")
+    data: str = Field(description="the data stage to train on")
+    vectors: list[str] | None = Field(None, description="vector stages (default: the data's)")
+    overrides: dict[str, Any] = Field({}, description="training fields over the preset's")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    HASHED = ("kind", "preset", "data", "vectors", "overrides", "num_workers", "model")
 
 
-class SweepStage(TrainStage):
+class SweepStage(TrainStage, SweepSettings):
     kind: Literal["sweep"]  # type: ignore[assignment]
-    lora_r: list[int] = [4, 16]
-    lr: list[float] = [1e-4, 5e-4]
-    search: Literal["grid", "random"] = "grid"
-    num_samples: int = 4
+    HASHED = (*TrainStage.HASHED, "lora_r", "lr", "search", "num_samples")
 
 
 class EvalStage(_Stage):
     kind: Literal["eval"]
-    suite: str
-    models: list[str] = [BASE]  # "base" and/or names of train stages
-    vectors: list[str] = []  # vector stages the suite uses (detection: random, then concepts)
-    options: dict[str, Any] = {}  # passed to the suite (n_per_tier, magnitudes, ...)
+    suite: Literal[EVAL_SUITES] = Field(description="the evaluation suite (B1-B7)")
+    models: list[str] = Field([BASE], description="'base' and/or names of train stages")
+    vectors: list[str] = Field([], description="vector stages (detection: random, then concepts)")
+    options: dict[str, Any] = Field({}, description="the suite's options")
     # > 0: one pool of this many model hosts evaluates the models in turn (adapters switched on
-    # the loaded base); 0: each model in its own task. Strict: `hosts: true` is not 1 host.
-    hosts: int = Field(0, ge=0, strict=True)
-
-    @field_validator("suite")
-    @classmethod
-    def _known_suite(cls, v: str) -> str:
-        if v not in EVAL_SUITES:
-            raise ValueError(f"{v!r} is not one of {', '.join(EVAL_SUITES)}")
-        return v
+    # the loaded base); 0: each model in its own task. Not hashed: where, not what.
+    hosts: int = Field(0, ge=0, description="model hosts shared by the stage's models")
+    HASHED = ("kind", "suite", "models", "vectors", "options", "model")
 
 
 class StanceStage(_Stage):
     kind: Literal["stance"]
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = Field({}, description="the stance comparison's config")
+    HASHED = ("kind", "config", "model")
 
 
 class LocalizeStage(_Stage):
     kind: Literal["localize"]  # Phase C: localisation training + B7 on the trained model
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = Field({}, description="the localisation training's config")
+    HASHED = ("kind", "config", "model")
 
 
 Stage = Annotated[
     VectorsStage | DataStage | TrainStage | SweepStage | EvalStage | StanceStage | LocalizeStage,
     Field(discriminator="kind"),
 ]
+KINDS = ("vectors", "data", "train", "sweep", "eval", "stance", "localize")
 
 
-class Resources(_Strict):
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    dtype: str | None = None
-    max_failures: int = 2
+class Resources(Config):
+    use_gpu: bool = Field(False, description="one GPU per training worker and model host")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker / task")
+    dtype: str | None = Field(None, description="training dtype (default: by device)")
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts after a lost worker")
 
 
-class Cost(_Strict):
-    usd_per_gpu_hour: float = Field(0.0, ge=0)
-    usd_per_cpu_hour: float = Field(0.0, ge=0)
+class Cost(Config):
+    usd_per_gpu_hour: float = Field(0.0, ge=0, description="dollars per GPU-hour")
+    usd_per_cpu_hour: float = Field(0.0, ge=0, description="dollars per CPU-hour")
 
 
-class Plan(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str
+class Plan(Config):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the plan's name (run dir)")
+    model: str = Field(description="Hugging Face id, local directory, or alias")
     description: str = ""
-    runs_dir: str = "runs"
-    storage: str | None = None  # Ray Train storage (local dir or s3://); default runs/<plan>/ray
+    runs_dir: str = Field("runs", description="where run directories go")
+    storage: str | None = Field(None, description="Ray Train storage (default runs/<plan>/ray)")
     resources: Resources = Resources()
     cost: Cost = Cost()
     stages: dict[str, Stage]
@@ -178,23 +152,14 @@ def _check_model(name: str, field: str) -> None:
 
 def inputs(stage) -> list[str]:
     """The stages this one reads from (plus its explicit ``after``)."""
-    refs: list[str] = list(stage.after)
-    if isinstance(stage, DataStage):
-        refs.append(stage.vectors)
-    if isinstance(stage, TrainStage):  # sweeps too
-        refs.append(stage.data)
-        refs.extend(stage.vectors or [])
-    if isinstance(stage, EvalStage):
-        refs.extend(m for m in stage.models if m != BASE)
-        refs.extend(stage.vectors)
-    return refs
+    return [*stage.after, *_expected_kinds(stage)]
 
 
 def _expected_kinds(stage) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     if isinstance(stage, DataStage):
         out[stage.vectors] = ("vectors",)
-    if isinstance(stage, TrainStage):
+    if isinstance(stage, TrainStage):  # sweeps too
         out[stage.data] = ("data",)
         out.update({v: ("vectors",) for v in stage.vectors or []})
     if isinstance(stage, EvalStage):
@@ -241,24 +206,129 @@ def validate_refs(plan: Plan) -> None:
                 )
 
 
-def _pydantic_line(e: ValidationError) -> str:
+def validate_configs(plan: Plan) -> None:
+    """Build every stage's recipe config, with placeholder paths for its inputs: whatever a
+    stage would refuse when it starts is refused now."""
+    for name in plan.stages:
+        stage_configs(plan, name, None)
+
+
+# --------------------------------------------------------------------------- recipe configs
+# Used twice: when a plan loads (``inputs=None``: placeholder paths stand where the inputs'
+# files will be) and when a unit runs (the inputs' real directories). So a plan can never hold
+# a stage that would only be refused once it starts.
+
+
+def vector_file(inputs: dict[str, Path] | None, stage: str) -> str:
+    """The vector file a vectors stage writes; the set is named by the file's stem."""
+    return str((inputs[stage] if inputs else Path(stage)) / f"{stage}.safetensors")
+
+
+def _dir(inputs: dict[str, Path] | None, stage: str, sub: str = "") -> str:
+    path = inputs[stage] if inputs else Path(stage)
+    return str(path / sub if sub else path)
+
+
+# Plan-level fields a stage's options/config may not set: the plan fills them.
+_FILLED = ("model", "adapter", "label", "vectors", "concepts")
+
+
+def _own(options: dict, where: str) -> dict:
+    for key in _FILLED:
+        if key in options:
+            raise IntrospectError(
+                f"{where}.{key}: set by the plan (the stage's model, models and vectors)"
+            )
+    return dict(options)
+
+
+def stage_configs(
+    plan: Plan, name: str, inputs: dict[str, Path] | None
+) -> list[tuple[str | None, str, Config]]:
+    """``(part, recipe name, config)`` for each unit of stage ``name`` (one per model of an eval
+    stage, part None otherwise)."""
+    stage = plan.stages[name]
+    model = plan.stage_model(name)
+    where = f"stages.{name}"
+    if stage.kind == "vectors":
+        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
+        return [(None, "vectors", recipe("vectors").parse(fields, where))]
+    if stage.kind == "data":
+        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
+        fields["vectors"] = vector_file(inputs, stage.vectors)
+        return [(None, "data", recipe("data").parse(fields, where))]
+    if stage.kind in ("train", "sweep"):
+        return [(None, stage.kind, _train_config(plan, name, inputs))]
+    if stage.kind == "eval":
+        return [
+            (m, f"eval.{stage.suite}", _eval_config(plan, name, m, inputs)) for m in stage.models
+        ]
+    options = _own(stage.config, f"{where}.config") | {"model": model}
+    kind = "stance.compare" if stage.kind == "stance" else "localize"
+    return [(None, kind, recipe(kind).parse(options, f"{where}.config"))]
+
+
+def _train_config(plan: Plan, name: str, inputs: dict[str, Path] | None) -> Config:
+    stage = plan.stages[name]
+    where = f"stages.{name}"
+    settings = overrides_config(stage.preset, stage.overrides, f"{where}.overrides")
+    data = plan.stages[stage.data]
+    if settings.data_variant != data.variant:
+        raise IntrospectError(
+            f"{where}.data: preset {stage.preset!r} expects {settings.data_variant!r} data, "
+            f"{stage.data!r} is {data.variant!r}"
+        )
+    fields = {
+        "model": plan.stage_model(name),
+        "data": _dir(inputs, stage.data),
+        # Absolute: a Tune trial runs in a directory of its own.
+        "vectors": [
+            str(Path(vector_file(inputs, v)).resolve()) if inputs else vector_file(None, v)
+            for v in (stage.vectors or [data.vectors])
+        ],
+        "preset": stage.preset,
+    }
+    if stage.kind == "train":
+        return recipe("train").parse({**fields, **stage.overrides}, f"{where}.overrides")
+    sweep = stage.model_dump(include=set(recipe("sweep").config.model_fields))
+    return recipe("sweep").parse({**sweep, **fields, "overrides": stage.overrides}, where)
+
+
+def _eval_config(plan: Plan, name: str, model_ref: str, inputs: dict[str, Path] | None):
+    stage = plan.stages[name]
+    where = f"stages.{name}"
+    cls = recipe(f"eval.{stage.suite}").config
+    config = _own(stage.options, f"{where}.options")
+    config["model"] = plan.stage_model(name)
+    if model_ref != BASE:
+        config["adapter"] = _dir(inputs, model_ref, "run")
+    config["label"] = model_ref  # "base" or the training stage, not an adapter path
+    files = [vector_file(inputs, v) for v in stage.vectors]
+    if stage.suite == "detection":
+        if not files:
+            raise IntrospectError(f"{where}.vectors: detection needs a random vector stage")
+        config["vectors"] = files[0]
+        if len(files) > 1:
+            config["concepts"] = files[1]
+    elif files:
+        if "vectors" not in cls.model_fields:
+            raise IntrospectError(f"{where}.vectors: suite {stage.suite!r} takes no vectors")
+        config["vectors"] = files[0]
+    return recipe(f"eval.{stage.suite}").parse(config, f"{where}.options")
+
+
+def _plan_line(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if x not in ("function-after",))
-    # Discriminated unions put the kind in the path ("stages.x.train.preset"): drop it.
-    parts = loc.split(".")
-    if (
-        len(parts) > 2
-        and parts[0] == "stages"
-        and parts[2] in {"vectors", "data", "train", "sweep", "eval", "stance", "localize"}
-    ):
-        parts.pop(2)
-    loc = ".".join(parts)
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "union_tag_invalid":
-        msg = f"unknown kind {err['input'].get('kind')!r} (known: {err['ctx']['expected_tags']})"
-    return f"{loc}: {msg}"
+    loc = list(err["loc"])
+    # A discriminated union puts the kind in the path ("stages.x.train.preset"): drop it.
+    if len(loc) > 2 and loc[0] == "stages" and loc[2] in KINDS:
+        loc.pop(2)
+    if err["type"] == "union_tag_invalid":
+        return (
+            f"{source}: {'.'.join(map(str, loc))}: unknown kind {err['input'].get('kind')!r} "
+            f"(known: {', '.join(KINDS)})"
+        )
+    return f"{source}: {error_line({**err, 'loc': tuple(loc)})}"
 
 
 def parse_plan(data: Any, source: str = "plan") -> Plan:
@@ -268,27 +338,30 @@ def parse_plan(data: Any, source: str = "plan") -> Plan:
     try:
         plan = Plan.model_validate(data)
     except ValidationError as e:
-        raise IntrospectError(f"{source}: {_pydantic_line(e)}") from None
+        raise IntrospectError(_plan_line(e, source)) from None
     try:
         validate_refs(plan)
         order(plan)
+        validate_configs(plan)
     except IntrospectError as e:
         raise IntrospectError(f"{source}: {e}") from None
     return plan
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise IntrospectError(f"plan: cannot read {path} ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise IntrospectError(
-            f"plan: {path} is not valid YAML ({str(e).splitlines()[0]})"
-        ) from None
-    return parse_plan(data, str(path))
+    """Read (strict YAML: ``1e-3`` is a float, a repeated key is an error) and validate a plan."""
+    return parse_plan(load_yaml(path, "plan"), str(path))
+
+
+def _hashed(stage) -> dict:
+    """The stage's fields as its hash sees them (see ``_Stage.HASHED``)."""
+    dump = stage.model_dump(exclude={"after", "hosts"})
+    fields = type(stage).model_fields
+    return {
+        k: v
+        for k, v in dump.items()
+        if k in stage.HASHED or v != fields[k].get_default(call_default_factory=True)
+    }
 
 
 def stage_hashes(plan: Plan) -> dict[str, str]:
@@ -297,8 +370,7 @@ def stage_hashes(plan: Plan) -> dict[str, str]:
     for name in order(plan):
         stage = plan.stages[name]
         payload = {
-            # `hosts` says where an eval runs, not what it computes: changing it reruns nothing.
-            "stage": stage.model_dump(exclude={"after", "hosts"}),
+            "stage": _hashed(stage),
             "model": plan.stage_model(name),
             "resources": plan.resources.model_dump() if stage.kind in ("train", "sweep") else None,
             "inputs": {ref: out[ref] for ref in inputs(stage)},

@@ -11,22 +11,50 @@ for one CPU (or one GPU on a GPU plan), so the cluster's size sets the concurren
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import ray
 
+from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
+from introspect.io import write_json, write_text
 from pipelines import stages as S
-from pipelines.plan import BASE, Plan, inputs, order, stage_hashes
+from pipelines.plan import Plan, inputs, order, stage_hashes
 
 COMPLETE = "COMPLETE"
+
+
+class State(Enum):
+    """Where a unit of a plan stands."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"  # finished by an earlier run
+    FAILED = "failed"
+    BLOCKED = "blocked"  # an input failed
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    state: State
+    line: str = ""  # a failed unit's one-line error
+
+    @property
+    def ok(self) -> bool:
+        return self.state in (State.DONE, State.SKIPPED)
+
+    def __str__(self) -> str:
+        if self.state is State.FAILED:
+            return f"failed: {self.line}"
+        if self.state is State.BLOCKED:
+            return "blocked (an input failed)"
+        return self.state.value
 
 
 @dataclass
@@ -77,33 +105,20 @@ def _execute(
     """Run one unit into a temporary directory, then move it into place and mark it done.
 
     ``pool``: the eval stage's host pool, when its models share one (``hosts: N``)."""
-    tmp = unit.out.with_name(f".tmp-{unit.out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     kind = plan.stages[unit.stage].kind
-    started = time.time()
-    if kind == "eval":
-        metrics = S.eval_one(plan, unit.stage, unit.part, tmp, input_dirs, pool)
-    elif kind in ("train", "sweep"):
-        fn = S.train_stage if kind == "train" else S.sweep_stage
-        metrics = fn(plan, unit.stage, tmp, input_dirs, storage)
-    else:
-        fn = {
-            "vectors": S.vectors_stage,
-            "data": S.data_stage,
-            "stance": S.stance_stage,
-            "localize": S.localize_stage,
-        }[kind]
-        metrics = fn(plan, unit.stage, tmp, input_dirs)
-    ended = time.time()
-    timing = _cost(plan, kind, metrics, started, ended, len(pool) if pool else 1)
-    (tmp / "timing.json").write_text(json.dumps(timing, indent=2))
-    if not (tmp / "metrics.json").exists():
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    shutil.rmtree(unit.out, ignore_errors=True)
-    unit.out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, unit.out)
-    (unit.out / COMPLETE).write_text(str(ended))
+    timing: dict = {}
+
+    def fill(tmp: Path) -> None:
+        started = time.time()
+        metrics = S.run_stage(plan, unit.stage, unit.part, tmp, input_dirs, storage, pool)
+        ended = time.time()
+        timing.update(_cost(plan, kind, metrics, started, ended, len(pool) if pool else 1))
+        write_json(tmp / "timing.json", timing)
+        if not (tmp / "metrics.json").exists():
+            write_json(tmp / "metrics.json", metrics)
+        (tmp / COMPLETE).write_text(str(ended))
+
+    replace_dir(unit.out, fill)
     return timing
 
 
@@ -233,33 +248,33 @@ def _execute_pooled(plan_json: str, units: list[StageRun], input_dirs: dict, sto
     return failed
 
 
-def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict:
-    """Run every unfinished stage; return ``{unit key: "done" | "skipped" | error line}``."""
+def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict[str, UnitStatus]:
+    """Run every unfinished stage; return each unit's :class:`UnitStatus` by key."""
     from pipelines.concurrent import capacity
 
     root = plan_root(plan).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "plan.json").write_text(plan.model_dump_json(indent=2))
+    write_text(root / "plan.json", plan.model_dump_json(indent=2))
     # Which hash of each stage this version of the plan uses (the report reads it).
-    (root / "stages.json").write_text(json.dumps(stage_hashes(plan), indent=2))
+    write_json(root / "stages.json", stage_hashes(plan))
     storage = plan.storage or str(root / "ray")
     dirs = {k: v.resolve() for k, v in stage_dirs(plan).items()}
     todo = units(plan)
     for u in todo:
         u.out = u.out.resolve()
-    status: dict[str, str] = {}
+    status: dict[str, UnitStatus] = {}
     for u in todo:
         if is_complete(u.out):
-            status[u.key] = "skipped"
+            status[u.key] = UnitStatus(State.SKIPPED)
     stage_keys: dict[str, list[str]] = {}
     for u in todo:
         stage_keys.setdefault(u.stage, []).append(u.key)
 
     def stage_done(name: str) -> bool:
-        return all(status.get(k) in ("done", "skipped") for k in stage_keys[name])
+        return all(k in status and status[k].ok for k in stage_keys[name])
 
     def stage_failed(name: str) -> bool:
-        return any(status.get(k, "").startswith(("failed", "blocked")) for k in stage_keys[name])
+        return any(k in status and not status[k].ok for k in stage_keys[name])
 
     running: dict[ray.ObjectRef, list[StageRun]] = {}
     started: dict[str, float] = {}
@@ -271,7 +286,7 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                 if u.key in status or u.key in started:
                     continue
                 if any(stage_failed(n) for n in u.needs):
-                    status[u.key] = "blocked (an input failed)"
+                    status[u.key] = UnitStatus(State.BLOCKED)
                     continue
                 if not all(stage_done(n) for n in u.needs):
                     continue
@@ -316,13 +331,17 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                 except Exception as e:  # noqa: BLE001 - reported per stage, the rest go on
                     failed = dict.fromkeys((u.key for u in group), _failure(e))
                 for u in group:
-                    status[u.key] = f"failed: {failed[u.key]}" if u.key in failed else "done"
+                    status[u.key] = (
+                        UnitStatus(State.FAILED, failed[u.key])
+                        if u.key in failed
+                        else UnitStatus(State.DONE)
+                    )
                     if fail_fast and u.key in failed:
                         raise IntrospectError(f"stages.{u.key}: {failed[u.key]}") from None
     finally:
         if view:
             view.close()
-    (root / "status.json").write_text(json.dumps(status, indent=2))
+    write_json(root / "status.json", {k: str(v) for k, v in status.items()})
     return status
 
 
@@ -351,9 +370,7 @@ class _Progress:
         for col in ("stage", "state", "time"):
             table.add_column(col)
         for u in self.todo:
-            state = self.status.get(u.key)
-            if state is None:
-                state = "running" if u.key in self.started else "waiting"
+            state = self._state(u)
             t = self.started.get(u.key)
             elapsed = f"{time.time() - t:.0f} s" if t and u.key not in self.status else ""
             style = {"done": "green", "skipped": "dim", "running": "yellow"}.get(
@@ -364,7 +381,9 @@ class _Progress:
         return table
 
     def _state(self, u: StageRun) -> str:
-        return self.status.get(u.key) or ("running" if u.key in self.started else "waiting")
+        if u.key in self.status:
+            return str(self.status[u.key])
+        return "running" if u.key in self.started else "waiting"
 
     def update(self) -> None:
         if self.live is not None:
@@ -380,8 +399,3 @@ class _Progress:
         self.update()
         if self.live is not None:
             self.live.stop()
-
-
-def model_refs(plan: Plan) -> list[str]:
-    """Every model the plan evaluates: the base first, then its training stages."""
-    return [BASE] + [n for n, s in plan.stages.items() if s.kind == "train"]

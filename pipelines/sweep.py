@@ -8,44 +8,52 @@ to what the cluster holds (one trial's workers each need a GPU on a GPU cluster)
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pandas as pd
-from ray import tune
+from pydantic import Field
 
+from introspect.config import Config
 from introspect.errors import IntrospectError
-from introspect.tables import markdown_table
+from introspect.io import markdown_table, write_json, write_text
 from pipelines.concurrent import job_capacity
 from pipelines.train_job import TrainJob, job_datasets, run_train_job
 
 
+class SweepSettings(Config):
+    """What a rank × learning-rate sweep tries and how ASHA prunes it."""
+
+    lora_r: list[Annotated[int, Field(ge=1)]] = Field(
+        [4, 16], min_length=1, description="LoRA ranks (alpha = 2 r)"
+    )
+    lr: list[Annotated[float, Field(gt=0)]] = Field(
+        [1e-4, 5e-4], min_length=1, description="peak learning rates"
+    )
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every pair; random: num_samples draws from the lists"
+    )
+    num_samples: int = Field(4, ge=1, description="random search: trials drawn")
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can stop")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1 in this many per rung")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="trials at once (default: what the cluster holds)"
+    )
+
+
 @dataclass
 class Sweep:
-    """A search over LoRA rank and learning rate around a base job."""
+    """A search around a base job."""
 
     job: TrainJob
-    lora_r: list[int] = field(default_factory=lambda: [4, 16])
-    lr: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
-    search: str = "grid"  # "grid": every pair; "random": num_samples draws from the lists
-    num_samples: int = 4
-    grace_period: int = 1  # ASHA: reports before a trial can be stopped
-    reduction_factor: int = 2
-    max_concurrent: int | None = None  # default: what the cluster holds
-    seed: int = 0
+    settings: SweepSettings = field(default_factory=SweepSettings)
 
-    def validate(self) -> None:
-        if self.search not in ("grid", "random"):
-            raise IntrospectError(f"search: {self.search!r} must be 'grid' or 'random'")
-        if not self.lora_r or any(r < 1 for r in self.lora_r):
-            raise IntrospectError(f"lora_r: {self.lora_r} must be a non-empty list of ranks >= 1")
-        if not self.lr or any(x <= 0 for x in self.lr):
-            raise IntrospectError(f"lr: {self.lr} must be a non-empty list of rates > 0")
+    def check(self) -> None:
+        """What the settings cannot say alone: checked once, before any trial starts."""
         if self.job.config.method != "lora":
             raise IntrospectError("method: a rank sweep needs method 'lora'")
-        # Checked here, once, rather than by every trial after its workers have started.
         for path in [self.job.train_data, self.job.val_data, *self.job.vectors]:
             if "://" not in path and not Path(path).exists():
                 raise IntrospectError(f"data: {path} does not exist")
@@ -57,10 +65,9 @@ def _trial(params: dict, sweep: Sweep, out: str, datasets: dict) -> None:
 
     r, lr = int(params["lora_r"]), float(params["lr"])
     name = f"{sweep.job.name}-r{r}-lr{lr:g}"
-    config = replace(sweep.job.config, lora_r=r, lora_alpha=2 * r, lr=lr)
     # Every report must carry the metric ASHA reads: evaluate at every checkpoint.
-    config = replace(config, save_every=config.eval_every)
-    job = replace(sweep.job, name=name, config=config)
+    update = {"lora_r": r, "lora_alpha": 2 * r, "lr": lr, "save_every": sweep.job.config.eval_every}
+    job = replace(sweep.job, name=name, config=sweep.job.config.model_copy(update=update))
     run_train_job(
         job, Path(out) / "trials" / name, callbacks=[TuneReportCallback()], datasets=datasets
     )
@@ -68,19 +75,22 @@ def _trial(params: dict, sweep: Sweep, out: str, datasets: dict) -> None:
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
     """Run the sweep; write ``trials.csv``, ``trials.md`` and ``best.json`` into ``out``."""
-    sweep.validate()
+    from ray import tune
+
+    sweep.check()
+    s = sweep.settings
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if sweep.search == "grid":
-        space = {"lora_r": tune.grid_search(sweep.lora_r), "lr": tune.grid_search(sweep.lr)}
+    if s.search == "grid":
+        space = {"lora_r": tune.grid_search(s.lora_r), "lr": tune.grid_search(s.lr)}
         samples = 1
     else:
-        space = {"lora_r": tune.choice(sweep.lora_r), "lr": tune.choice(sweep.lr)}
-        samples = sweep.num_samples
+        space = {"lora_r": tune.choice(s.lora_r), "lr": tune.choice(s.lr)}
+        samples = s.num_samples
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",
-        grace_period=sweep.grace_period,
-        reduction_factor=sweep.reduction_factor,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
     )
     # The driver function itself only waits on its trainer: it takes almost no CPU.
     trainable = tune.with_resources(
@@ -95,7 +105,7 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
             mode="min",
             scheduler=scheduler,
             num_samples=samples,
-            max_concurrent_trials=sweep.max_concurrent or job_capacity(sweep.job),
+            max_concurrent_trials=s.max_concurrent or job_capacity(sweep.job),
         ),
         run_config=tune.RunConfig(
             name=f"{sweep.job.name}-tune", storage_path=str(out / "tune"), verbose=0
@@ -119,10 +129,10 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows).sort_values("val_loss", na_position="last", ignore_index=True)
     table.to_csv(out / "trials.csv", index=False)
-    (out / "trials.md").write_text(markdown_table(table))
+    write_text(out / "trials.md", markdown_table(table))
     finished = table.dropna(subset=["val_loss"])
     if finished.empty:
         raise IntrospectError(f"sweep {sweep.job.name}: no trial reported a validation loss")
     best = finished.iloc[0].to_dict()
-    (out / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    write_json(out / "best.json", best)
     return table

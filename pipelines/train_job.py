@@ -42,9 +42,10 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from introspect.checkpoints import COMPLETE
+from introspect.checkpoints import COMPLETE, replace_dir
 from introspect.errors import IntrospectError
 from introspect.examples import read_examples, tokenise_examples, tokenised_prompts
+from introspect.io import write_json
 from introspect.train import TorchUpdates, TrainConfig, TrainingDiverged, train_prompts
 
 # What a checkpoint reported to Ray holds besides the training state itself.
@@ -232,7 +233,7 @@ def _zero_updates(cfg: dict, lm, config: TrainConfig, run_dir: Path):
     )
     if ctx.get_world_rank() == 0:
         record = {"config": ds_config, "plan": asdict(plan) if plan else None}
-        (run_dir / "deepspeed.json").write_text(json.dumps(record, indent=2))
+        write_json(run_dir / "deepspeed.json", record)
     return functools.partial(ZeroUpdates, ds_config=ds_config)
 
 
@@ -294,7 +295,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         "started": started,
         "ended": time.time(),
     }
-    (run_dir / "worker.json").write_text(json.dumps(placement, indent=2))
+    write_json(run_dir / "worker.json", placement)
     final = {
         "step": result.steps,
         "val_accuracy": result.final_val_accuracy,
@@ -335,7 +336,6 @@ def run_train_job(
 
     Returns the run's metrics (``metrics.json``) plus wall time and worker-hours.
     """
-    job.config.validate()
     deepspeed = job.uses_deepspeed()
     out = Path(out)
     if (out / "metrics.json").exists():
@@ -346,7 +346,7 @@ def run_train_job(
         storage = str(Path(storage).resolve())
     cfg = {
         **asdict(job),
-        "config": asdict(job.config),
+        "config": job.config.model_dump(include=set(TrainConfig.model_fields)),
         "storage_path": storage,
         "deepspeed": deepspeed,
     }
@@ -384,25 +384,25 @@ def run_train_job(
         raise result.error
     if result.checkpoint is None:
         raise IntrospectError(f"train job {job.name}: finished without reporting a checkpoint")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # ZeRO-3 checkpoints (every worker's optimizer shard: ~16 bytes a parameter) stay in
     # storage, where a rerun resumes from them; out keeps the run's exports and logs.
     skip = shutil.ignore_patterns("checkpoints") if deepspeed else None
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp, ignore=skip)
-    metrics = json.loads((tmp / "metrics.json").read_text())
-    metrics.update(
-        run_dir=str(out),
-        wall_s=wall,
-        num_workers=job.num_workers,
-        worker_hours=wall * job.num_workers / 3600,
-        gpu_hours=wall * job.num_workers / 3600 if job.use_gpu else 0.0,
-    )
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    metrics: dict = {}
+
+    def copy_run(tmp: Path) -> None:
+        with result.checkpoint.as_directory() as d:
+            shutil.copytree(d, tmp, ignore=skip, dirs_exist_ok=True)
+        metrics.update(json.loads((tmp / "metrics.json").read_text()))
+        metrics.update(
+            run_dir=str(out),
+            wall_s=wall,
+            num_workers=job.num_workers,
+            worker_hours=wall * job.num_workers / 3600,
+            gpu_hours=wall * job.num_workers / 3600 if job.use_gpu else 0.0,
+        )
+        write_json(tmp / "metrics.json", metrics)
+
+    replace_dir(out, copy_run)  # a partial earlier copy (no metrics.json) is replaced
     return metrics
 
 

@@ -190,6 +190,8 @@ def test_baseline_is_balanced(workdir):
         2,
         "--magnitudes",
         "4,16",
+        "--magnitude-mode",
+        "absolute",
         "--out",
         out,
     )

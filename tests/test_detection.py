@@ -18,7 +18,7 @@ from introspect.detection import (
     suffix_logits,
 )
 from introspect.errors import IntrospectError
-from introspect.models import backbone
+from introspect.models import backbone, cache_kwargs, output_cache
 from introspect.steering import Steering, steer
 
 QUESTION = "Do you detect an injected thought?"
@@ -183,8 +183,9 @@ def test_steering_is_on_for_the_prefix_and_off_for_the_suffix(tiny):
     with torch.no_grad():
         library = detection_logits(model, collate([prompt], tiny.tokenizer.pad_token_id))
         with steer(model, s):
-            cache = backbone(model)(prefix, use_cache=True).past_key_values
-        steered_prefix_only = model(suffix, past_key_values=cache).logits[:, -1]
+            inner = backbone(model)
+            cache = output_cache(inner, inner(prefix, use_cache=True))
+        steered_prefix_only = model(suffix, **cache_kwargs(model, cache)).logits[:, -1]
         with steer(model, s):
             steered_throughout = model(torch.cat([prefix, suffix], 1)).logits[:, -1]
         unsteered = model(torch.cat([prefix, suffix], 1)).logits[:, -1]
@@ -355,3 +356,56 @@ def test_identical_unsteered_trials_share_one_score_and_steered_ones_do_not(tiny
     alone = [score_detection(tiny.model, tiny.tokenizer, [r], batch_size=1).p_yes[0] for r in rows]
     assert got.p_yes == pytest.approx(alone, abs=1e-4)
     assert got.p_yes[0] == got.p_yes[3] and got.p_yes[1] != got.p_yes[0]
+
+
+def test_progress_counts_the_distinct_trials_scored(tiny):
+    rows = mixed_rows(tiny.n_layers, tiny.d_model)
+    rows = rows + [rows[1]]  # an unsteered duplicate is scored once
+    calls = []
+    score_detection(
+        tiny.model, tiny.tokenizer, rows, batch_size=4, progress=lambda *a: calls.append(a)
+    )
+    n = len(rows) - 1
+    assert calls == [(0, n), (4, n), (n, n)]
+    # None (the default) shows nothing and changes nothing.
+    assert score_detection(tiny.model, tiny.tokenizer, rows, progress=None).p_yes == pytest.approx(
+        score_detection(tiny.model, tiny.tokenizer, rows).p_yes
+    )
+
+
+def test_scoring_passes_the_cache_under_the_name_transformers_expects(tiny):
+    """No FutureWarning (transformers >= 5.24 renamed ``past_key_values`` to ``cache``) and no
+    deprecation log line: the cache must reach the suffix pass, not fall into ``**kwargs``."""
+    import inspect
+    import logging
+    import warnings
+
+    forward = inspect.signature(type(backbone(tiny.model)).forward).parameters
+    expected = "cache" if "cache" in forward else "past_key_values"
+    assert cache_kwargs(backbone(tiny.model), None) == {expected: None}
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = mixed_rows(tiny.n_layers, tiny.d_model)
+            scores = score_detection(tiny.model, tiny.tokenizer, rows, batch_size=3)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    about_cache = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert about_cache == []
+    assert [r for r in records if "past_key_values" in r] == []
+    # The cache really was used: equal to reading prefix and suffix as one unsteered sequence.
+    plain = example("Name a colour.", "Blue.", system="Be terse.")
+    prompt = build_prompt(tiny.tokenizer, plain)
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor([prompt.prefix_ids + prompt.suffix_ids])).logits[:, -1]
+    p_yes, _ = answer_probabilities(logits, torch.tensor([prompt.answer_ids]))
+    assert scores.p_yes[4] == pytest.approx(float(p_yes[0]), abs=1e-5)

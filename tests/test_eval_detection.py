@@ -68,3 +68,23 @@ def test_relative_magnitudes_ignore_the_adapter_under_evaluation():
                 p.normal_(0, 1.0)
     assert residual_norms(lm, prompts) != plain  # the adapter does change the norms
     assert base_residual_norms(lm, prompts) == plain
+
+
+def test_stage_defaults_to_relative_magnitudes(tiny, tmp_path):
+    from introspect.evals.detection import run_detection
+    from introspect.vectors import save_vectors
+
+    save_vectors(tmp_path / "random.safetensors", RANDOM)
+    config = {"model": "tiny-random", "vectors": str(tmp_path / "random.safetensors")}
+    calls = []
+    m = run_detection(
+        {**config, "n_per_tier": 4, "batch_size": 8},
+        tmp_path / "out",
+        lm=tiny,
+        progress=lambda done, n: calls.append((done, n)),
+    )
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
+    assert (m["magnitude_mode"], m["magnitudes"]) == ("relative", [0.05, 0.1, 0.2, 0.3])
+    assert set(m["tiers"]) == {"in_distribution", "held_out"} and m["label"] == "tiny-random"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_per_tier"] == 4
+    assert "### B1 detection" in (tmp_path / "out" / "summary.md").read_text()

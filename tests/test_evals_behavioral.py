@@ -73,8 +73,12 @@ def test_stage_writes_the_contract_files(tiny, tmp_path):
     qfile = tmp_path / "q.json"
     qfile.write_text(json.dumps(data))
     out = tmp_path / "out"
-    m = run_behavioral({"model": "tiny-random", "questions": str(qfile)}, out, lm=tiny)
+    calls = []
+    config = {"model": "tiny-random", "questions": str(qfile)}
+    m = run_behavioral(config, out, lm=tiny, progress=lambda done, n: calls.append((done, n)))
+    assert calls == [(0, 3), (3, 3)]
     assert m == json.loads((out / "metrics.json").read_text())
+    assert m["config"]["questions"] == str(qfile) and m["config"]["batch_size"] == 16
     assert [c["n"] for c in m["categories"]] == [1, 2]
     assert "### B2" in (out / "summary.md").read_text()
     assert (out / "behavioral.png").stat().st_size > 1000

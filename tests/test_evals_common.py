@@ -1,42 +1,105 @@
 """Shared eval pieces: config checking, generation (seeded, batch-independent, steered like the
-two-pass protocol), multi-way scoring."""
+two-pass protocol), multi-way scoring, intervals."""
 
-from dataclasses import dataclass
-
+import numpy as np
 import pytest
 import torch
 
+from introspect.config import parse
 from introspect.detection import DetectionExample, build_prompt, collate, detection_logits
 from introspect.errors import IntrospectError
-from introspect.evals.common import chat_ids, parse_config, question_prompt, score_choices
+from introspect.evals.behavioral import BehavioralConfig
+from introspect.evals.calibration import CalibrationConfig
+from introspect.evals.common import chat_ids, mean_ci, question_prompt, rate, score_choices
+from introspect.evals.concepts import ConceptsConfig
+from introspect.evals.detection import DetectionEvalConfig
 from introspect.evals.generation import Sampling, generate, prefill
+from introspect.evals.identity import IdentityConfig
+from introspect.evals.localization import LocalizationConfig
+from introspect.evals.self_prediction import SelfPredictionConfig
+from introspect.localize_train import LocalizeTrainConfig
 from introspect.steering import Steering
 from introspect.vectors import random_vectors
 
 pytestmark = pytest.mark.evals
 
+# (config, required options, an int field, an out-of-range value of some field)
+SUITES = [
+    (DetectionEvalConfig, {"vectors": "random.safetensors"}, "n_per_tier", ("magnitudes", [0.0])),
+    (BehavioralConfig, {}, "batch_size", ("batch_size", 0)),
+    (IdentityConfig, {}, "n_samples", ("top_p", 1.5)),
+    (SelfPredictionConfig, {}, "n_per_task", ("n_per_task", 0)),
+    (CalibrationConfig, {}, "k", ("epsilon", 0.0)),
+    (ConceptsConfig, {}, "n_concepts", ("magnitudes", [-1.0])),
+    (LocalizationConfig, {}, "n_per_question", ("strength_factors", [1.0, 2.0])),
+    (LocalizeTrainConfig, {}, "n_train", ("n_val", 0)),
+    (Sampling, {}, "max_new_tokens", ("top_p", 0.0)),
+]
 
-@dataclass
-class Cfg:
-    model: str = "m"
-    n: int = 2
-    factors: list[float] | None = None
-    name: str | None = None
+
+@pytest.mark.parametrize("cls, base, int_field, bad", SUITES, ids=[s[0].__name__ for s in SUITES])
+def test_suite_configs_refuse_bad_options_naming_the_field(cls, base, int_field, bad):
+    where = "stages.x.options"
+    assert isinstance(parse(cls, base, where), cls)
+    cases = {
+        int_field: {int_field: "many"},  # wrong type
+        "no_such_option": {"no_such_option": 1},  # unknown key
+        bad[0]: {bad[0]: bad[1]},  # out of range
+    }
+    for field, options in cases.items():
+        with pytest.raises(IntrospectError) as e:
+            parse(cls, {**base, **options}, where)
+        assert str(e.value).startswith(f"{where}.{field}"), str(e.value)
+    with pytest.raises(IntrospectError, match=rf"^{where}\.{int_field}: 1\.5"):
+        parse(cls, {**base, int_field: 1.5}, where)
 
 
-def test_parse_config_names_the_bad_field_and_applies_full():
-    assert parse_config(Cfg, {"n": 3}).n == 3
-    assert parse_config(Cfg, {"full": True}, {"n": 50}).n == 50
-    assert parse_config(Cfg, {"full": True, "n": 7}, {"n": 50}).n == 7
-    assert parse_config(Cfg, {"factors": [1, 0.5]}).factors == [1, 0.5]
-    with pytest.raises(IntrospectError, match="^nn: unknown option"):
-        parse_config(Cfg, {"nn": 3})
-    with pytest.raises(IntrospectError, match="^n: 'x' is not a valid int"):
-        parse_config(Cfg, {"n": "x"})
-    with pytest.raises(IntrospectError, match="^factors:"):
-        parse_config(Cfg, {"factors": ["a"]})
-    with pytest.raises(IntrospectError, match="^n:"):
-        parse_config(Cfg, {"n": True})
+def test_full_sizes_apply_and_explicit_options_win():
+    assert parse(IdentityConfig, {}).n_samples == 2
+    assert parse(IdentityConfig, {"full": True}).n_samples == 5
+    assert parse(IdentityConfig, {"full": True, "n_samples": 7}).n_samples == 7
+    assert parse(CalibrationConfig, {"full": True}).n_prompts is None
+    with pytest.raises(IntrospectError, match="^full: 'yes'"):
+        parse(IdentityConfig, {"full": "yes"})
+    with pytest.raises(IntrospectError, match="^full: unknown key"):
+        parse(BehavioralConfig, {"full": True})  # B2 has no real-run sizes
+
+
+def test_detection_magnitudes_are_the_data_definition():
+    cfg = parse(DetectionEvalConfig, {"vectors": "v"})
+    assert (cfg.magnitude_mode, cfg.magnitudes) == ("relative", [0.05, 0.1, 0.2, 0.3])
+    cfg = parse(DetectionEvalConfig, {"vectors": "v", "magnitude_mode": "absolute"})
+    assert cfg.magnitudes == [5.0, 10.0, 20.0, 30.0]
+    with pytest.raises(IntrospectError, match="^vectors: required"):
+        parse(DetectionEvalConfig, {})
+
+
+def test_phase_c_checks_its_training_overrides_and_questions():
+    where = "stages.phase-c.config"
+    with pytest.raises(IntrospectError, match=rf"^{where}\.train\.lr: 'x'"):
+        parse(LocalizeTrainConfig, {"train": {"lr": "x"}}, where)
+    with pytest.raises(IntrospectError, match=rf"^{where}\.train\.lrr: unknown key"):
+        parse(LocalizeTrainConfig, {"train": {"lrr": 1e-3}}, where)
+    with pytest.raises(IntrospectError, match=rf"^{where}\.questions\.0: .*'layers'"):
+        parse(LocalizeTrainConfig, {"questions": ["layer"]}, where)
+    cfg = parse(LocalizeTrainConfig, {"train": {"lr": 1e-3}, "seed": 3})
+    assert cfg.train == {"lr": 1e-3}  # a plain dict of what was given
+    train = cfg.train_config()
+    assert (train.lr, train.seed, train.warmup_steps) == (1e-3, 3, 10)
+
+
+def test_rate_and_mean_ci():
+    from introspect.metrics import wilson_interval
+
+    r = rate(3, 10)
+    assert r == {"rate": 0.3, "successes": 3, "n": 10, "ci": list(wilson_interval(3, 10))}
+    x = np.random.default_rng(1).normal(size=25)
+    m = mean_ci(x.tolist(), n_boot=500, seed=4)
+    # the plain percentile bootstrap of the items, draw for draw
+    draws = x[np.random.default_rng(4).integers(0, 25, size=(500, 25))].mean(1)
+    assert m["ci"] == pytest.approx(np.quantile(draws, [0.025, 0.975]).tolist())
+    assert m["mean"] == pytest.approx(x.mean()) and m["n"] == 25
+    assert mean_ci([0.5])["n"] == 1 and np.isnan(mean_ci([])["mean"])
 
 
 def test_greedy_generation_matches_transformers_generate(tiny):

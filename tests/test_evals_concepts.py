@@ -103,3 +103,24 @@ def test_local_embedding_model_ranks_related_words_closer():
     e = Embedder()(["cat", "a kitten sleeping", "the stock market"])
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2]
+
+
+def test_stage_on_tiny_with_a_scripted_embedder(tiny, tmp_path, monkeypatch):
+    import json
+
+    from introspect.evals import concepts
+
+    class Scripted:  # every text the same unit vector: a tie, so the first concept wins
+        def __init__(self, path=None):
+            pass
+
+        def __call__(self, texts):
+            return np.ones((len(texts), 2)) / np.sqrt(2)
+
+    monkeypatch.setattr(concepts, "Embedder", Scripted)
+    config = {"model": "tiny-random", "n_concepts": 2, "max_new_tokens": 3, "layers": [0, 2]}
+    m = concepts.run_concepts(config, tmp_path, lm=tiny)
+    assert m["layers"] == [0, 2] and m["n_concepts"] == 2
+    assert m["config"]["magnitudes"] == [0.5, 1.0] and set(m["by_factor"]) == {"0.5", "1"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["label"] == "tiny-random"
+    assert (tmp_path / "concepts.png").stat().st_size > 1000

@@ -40,11 +40,11 @@ def test_pattern_rates_from_scripted_responses():
     assert m["n_responses"] == 4 and m["n_empty"] == 1
     feelings = m["rates"]["by_category"]["self_feelings"]
     assert feelings["n"] == 2
-    assert feelings["rates"]["ai_disclaimer"]["count"] == 1
-    assert feelings["rates"]["performative_denial"]["count"] == 1
-    assert feelings["rates"]["makes_observations"]["count"] == 1
-    assert feelings["rates"]["acknowledges_boundary"]["count"] == 1
-    assert m["rates"]["by_category"]["identity"]["rates"]["ai_disclaimer"]["count"] == 1
+    assert feelings["rates"]["ai_disclaimer"]["successes"] == 1
+    assert feelings["rates"]["performative_denial"]["successes"] == 1
+    assert feelings["rates"]["makes_observations"]["successes"] == 1
+    assert feelings["rates"]["acknowledges_boundary"]["successes"] == 1
+    assert m["rates"]["by_category"]["identity"]["rates"]["ai_disclaimer"]["successes"] == 1
     with pytest.raises(IntrospectError, match="every response is empty"):
         identity_metrics(results.assign(response=""))
 

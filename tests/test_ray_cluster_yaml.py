@@ -99,12 +99,12 @@ def test_placeholders_are_documentation_addresses(config):
 
 @pytest.fixture(scope="module")
 def harness():
-    module = sys.modules.get("cluster_harness")  # tests/cluster may have loaded it
+    module = sys.modules.get("harness")  # tests/cluster may have imported it
     if module is None:
-        path = REPO / "scripts" / "cluster_harness.py"
-        spec = importlib.util.spec_from_file_location("cluster_harness", path)
+        path = REPO / "tests" / "cluster" / "harness.py"
+        spec = importlib.util.spec_from_file_location("harness", path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["cluster_harness"] = module  # dataclasses look their module up
+        sys.modules["harness"] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
     return module
 

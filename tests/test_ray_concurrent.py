@@ -39,7 +39,8 @@ def cluster():
 
 
 def test_four_jobs_run_concurrently_one_gpu_each(cluster, tmp_path):
-    tr, va = split(make_examples(DataConfig(n=60, seed=0, magnitudes=[8.0]), 4, VS), 0.2, 0)
+    data = DataConfig(n=60, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
+    tr, va = split(make_examples(data, 4, VS), 0.2, 0)
     write_examples(tr, tmp_path / "train.parquet")
     write_examples(va, tmp_path / "val.parquet")
     save_vectors(tmp_path / "random.safetensors", VS)

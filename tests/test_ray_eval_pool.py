@@ -4,9 +4,9 @@ import json
 import logging
 
 import pytest
+from click.testing import CliRunner
 from test_ray_hosts import CONCEPTS, RANDOM, lora_dir
 from test_ray_hosts import pool as pool  # noqa: F401 - the 2-host tiny-random pool fixture
-from typer.testing import CliRunner
 
 from cluster.cli import app
 from introspect.errors import IntrospectError
@@ -53,6 +53,7 @@ def test_b1_on_a_pool_equals_in_process(pool, tmp_path, caplog):
         "concepts": str(tmp_path / "concepts.safetensors"),
         "n_per_tier": 4,
         "magnitudes": [4.0, 16.0],
+        "magnitude_mode": "absolute",
         "food": True,
         "batch_size": 8,
     }  # 3 tiers of 8 trials + 8 food trials: 4 shards of at most 10
@@ -63,6 +64,7 @@ def test_b1_on_a_pool_equals_in_process(pool, tmp_path, caplog):
     # The CLI's --hosts: a pool of its own on the connected Ray (one CPU is still free).
     args = ["eval", "detection", "--model", "tiny-random", "--vectors", config["vectors"]]
     args += ["--concepts", config["concepts"], "--n-per-tier", "4", "--magnitudes", "4,16"]
+    args += ["--magnitude-mode", "absolute"]
     args += ["--food", "--batch-size", "8", "--out", str(tmp_path / "cli"), "--hosts", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -94,7 +96,12 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path):
         "models": list(BOTH),
         "vectors": ["random"],
         "hosts": 2,
-        "options": {"n_per_tier": 4, "magnitudes": [8.0, 16.0], "batch_size": 8},
+        "options": {
+            "n_per_tier": 4,
+            "magnitudes": [8.0, 16.0],
+            "magnitude_mode": "absolute",
+            "batch_size": 8,
+        },
     }
     plan = parse_plan(
         {
@@ -120,7 +127,9 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path):
         (dirs[name] / COMPLETE).write_text("0")
 
     status = run_plan(plan, progress=False)
-    assert status == {"random": "skipped", "data": "skipped", "tuned": "skipped"} | {
+    assert {k: str(v) for k, v in status.items()} == {
+        "random": "skipped", "data": "skipped", "tuned": "skipped"
+    } | {
         f"b1[{m}]": "done" for m in BOTH
     }
     metrics = {}
@@ -136,7 +145,7 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path):
 
     # `hosts` changes where the models run, not what they compute: nothing reruns without it.
     plan.stages["b1"].hosts = 0
-    assert set(run_plan(plan, progress=False).values()) == {"skipped"}
+    assert {str(v) for v in run_plan(plan, progress=False).values()} == {"skipped"}
     # A pool that cannot fit is one line naming the field.
     plan.stages["b1"].hosts = 9
     with pytest.raises(IntrospectError, match=r"^stages\.b1\.hosts: 9 hosts .* do not fit"):

@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from actors.model_host import Host, continuation_logprobs, host_pool
+from actors.model_host import Host, host_pool
 from introspect import models
 from introspect.activations import last_token_activations
 from introspect.errors import IntrospectError
@@ -15,6 +15,7 @@ from introspect.evals.common import chat_ids
 from introspect.evals.detection import detection_trials
 from introspect.evals.generation import Sampling, generate
 from introspect.examples import score_examples
+from introspect.logprobs import continuation_logprobs
 from introspect.vectors import VectorSet, random_vectors, save_vectors
 from pipelines.fanout import fan_out, score_on_pool
 

@@ -17,7 +17,8 @@ VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="ran
 
 
 def test_sweep_writes_its_table_and_best_config(tmp_path):
-    tr, va = split(make_examples(DataConfig(n=60, seed=0, magnitudes=[8.0]), 4, VS), 0.2, 0)
+    config = DataConfig(n=60, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
+    tr, va = split(make_examples(config, 4, VS), 0.2, 0)
     write_examples(tr, tmp_path / "train.parquet")
     write_examples(va, tmp_path / "val.parquet")
     save_vectors(tmp_path / "random.safetensors", VS)

@@ -33,7 +33,8 @@ def local_ray():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    tr, va = split(make_examples(DataConfig(n=60, seed=0, magnitudes=[8.0, 16.0]), 4, VS), 0.2, 0)
+    data = DataConfig(n=60, seed=0, magnitudes=[8.0, 16.0], magnitude_mode="absolute")
+    tr, va = split(make_examples(data, 4, VS), 0.2, 0)
     write_examples(tr, d / "train.parquet")
     write_examples(va, d / "val.parquet")
     save_vectors(d / "random.safetensors", VS)

@@ -6,15 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
+from introspect.evals.common import rate
 from introspect.stance.patterns import (
     CATEGORIES,
     PERFORMATIVE,
     PRAGMATIC,
+    StancePatternsConfig,
     classify,
     pattern_rates,
     read_responses,
+    run_stance_patterns,
     success_criteria,
+    summary_line,
     write_patterns,
 )
 
@@ -230,9 +235,9 @@ def test_each_category_counts_once_per_response():
     flags = classify(text)
     assert flags["ai_disclaimer"] is True and flags["acknowledges_boundary"] is True
     rates = pattern_rates([{"response": text}, {"response": "Paris is the capital of France."}])
-    assert rates["overall"]["ai_disclaimer"]["count"] == 1
+    assert rates["overall"]["ai_disclaimer"]["successes"] == 1
     assert rates["overall"]["ai_disclaimer"]["rate"] == 0.5
-    assert rates["overall"]["acknowledges_boundary"]["count"] == 1
+    assert rates["overall"]["acknowledges_boundary"]["successes"] == 1
 
 
 # --- pattern_rates by hand -------------------------------------------------------------------
@@ -261,7 +266,7 @@ W_1_5, W_2_5, W_0_5, W_1_2 = (0.0362, 0.6245), (0.1176, 0.7693), (0.0, 0.4345), 
 
 
 def _check(entry, count, n, ci):
-    assert entry["count"] == count
+    assert entry["successes"] == count and entry["n"] == n
     assert entry["rate"] == pytest.approx(count / n)
     assert entry["ci"] == [pytest.approx(ci[0], abs=1e-4), pytest.approx(ci[1], abs=1e-4)]
 
@@ -303,6 +308,13 @@ def test_pattern_rates_against_a_hand_computed_example():
     assert json.loads(json.dumps(rates, allow_nan=False)) == rates
 
 
+def test_rates_have_the_labs_one_rate_shape():
+    rates = pattern_rates(SMALL)
+    assert rates["overall"]["ai_disclaimer"] == rate(1, 5)
+    assert rates["overall"]["pragmatic_any"] == rate(2, 5)
+    assert rates["by_category"]["self_properties"]["rates"]["vague_deflection"] == rate(0, 2)
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
@@ -324,7 +336,7 @@ def test_pattern_rates_rejects_bad_rows(rows, message):
 
 def _rates(self_blocks, performative, ai, other=None):
     def block(rate):
-        return {"rate": rate, "count": 0, "ci": [0.0, 1.0]}
+        return {"rate": rate, "successes": 0, "n": 1, "ci": [0.0, 1.0]}
 
     by = {name: {"n": n, "rates": {}, "pragmatic_any": block(r)} for name, n, r in self_blocks}
     if other:
@@ -471,3 +483,31 @@ def test_write_patterns_writes_json_and_png(tmp_path):
         write_patterns([{"question": "?"}], out)
     assert json.loads((out / "patterns.json").read_text())["rates"]["n"] == 3
     assert sorted(p.name for p in out.iterdir()) == ["patterns.json", "patterns.png"]
+
+
+def test_run_stance_patterns_writes_and_summarises(tmp_path):
+    path = _write_jsonl(tmp_path / "r.jsonl", [json.dumps(r) for r in SMALL])
+    out = tmp_path / "out"
+    metrics = run_stance_patterns({"responses": str(path)}, out)
+    assert metrics["n"] == 5 and metrics["rates"] == pattern_rates(SMALL)
+    assert json.loads((out / "patterns.json").read_text()) == {
+        "rates": metrics["rates"],
+        "criteria": metrics["criteria"],
+    }
+    assert summary_line(metrics) == (
+        f"5 responses: performative 40.0%, pragmatic 40.0% → {out / 'patterns.json'}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "stages.s.config.responses: required"),
+        ({"responses": 3}, "stages.s.config.responses: 3: Input should be a valid string"),
+        ({"responses": "r.jsonl", "out": "x"}, "stages.s.config.out: unknown key"),
+    ],
+)
+def test_patterns_config_errors_name_the_field(data, message):
+    with pytest.raises(IntrospectError) as e:
+        parse(StancePatternsConfig, data, "stages.s.config")
+    assert str(e.value).startswith(message)

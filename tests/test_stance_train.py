@@ -5,19 +5,23 @@ fixture stays untouched and serves as the pristine base.
 """
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from introspect import models
+from introspect.config import parse
 from introspect.errors import IntrospectError
+from introspect.stance import compare, train, weights
 from introspect.stance.compare import CompareConfig, run_configs, run_stance_comparison
 from introspect.stance.corpus import EvalQuestion, PreferencePair, SFTRow, write_jsonl
 from introspect.stance.dpo import DPORunConfig, build_dpo_trainer
 from introspect.stance.sft import SFTRunConfig, build_sft_trainer, train_sft
-from introspect.stance.tuning import load_tuned, prepare, run_trainer
-from introspect.stance.weights import linear_deltas
+from introspect.stance.train import StanceTrainConfig, run_stance_train
+from introspect.stance.tuning import DPO_LR, load_tuned, prepare, run_trainer
+from introspect.stance.weights import linear_deltas, run_stance_weights
 from introspect.train import TrainingDiverged
 
 PAIRS = [
@@ -246,24 +250,109 @@ def test_non_finite_gradient_stops_with_the_step(tmp_path):
         ({"method": "qlora"}, "method"),
         ({"method": "surgical_lora"}, "layers"),
         ({"method": "lora", "layers": [1]}, "layers"),
-        ({"method": "selective", "layers": [9]}, "layers"),
-        ({"method": "selective", "layers": [1], "modules": ["nope_proj"]}, "modules"),
+        ({"method": "selective", "layers": [-1]}, "layers.0"),
+        ({"method": "lora", "modules": []}, "modules"),
         ({"lr": 0.0}, "lr"),
+        ({"max_steps": 1.0}, "max_steps"),
     ],
 )
-def test_bad_method_settings_name_the_field(kwargs, field):
+def test_bad_method_settings_are_refused_when_the_config_is_built(kwargs, field):
+    with pytest.raises(IntrospectError, match=rf"^{re.escape(field)}:"):
+        parse(SFTRunConfig, kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"method": "selective", "layers": [9]}, "layers"),
+        ({"method": "selective", "layers": [1], "modules": ["nope_proj"]}, "modules"),
+    ],
+)
+def test_settings_that_need_the_model_are_checked_by_prepare(kwargs, field):
     lm = fresh()
     with pytest.raises(IntrospectError, match=rf"^{field}:"):
-        prepare(lm, SFTRunConfig(**kwargs))
+        prepare(lm, parse(SFTRunConfig, kwargs))
 
 
-def test_comparison_config_errors_name_the_run_and_field():
-    with pytest.raises(IntrospectError, match=r"^runs\.lora\.lr_typo: unknown option"):
-        run_configs(CompareConfig(runs={"lora": {"method": "lora", "lr_typo": 1}}), 4)
-    with pytest.raises(IntrospectError, match=r"^runs\.x\.kind:"):
-        run_configs(CompareConfig(runs={"x": {"kind": "ppo"}}), 4)
-    runs = run_configs(CompareConfig(runs={"s": {"method": "selective"}}), 30)
+def test_a_config_stays_consistent_on_assignment():
+    config = SFTRunConfig(method="lora")
+    with pytest.raises(ValueError, match="layers: method 'selective' needs"):
+        config.method = "selective"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"kind": "sft", "max_stepz": 3}, "stages.s.config.max_stepz: unknown key"),
+        ({"kind": "dpo", "max_steps": "3"}, "stages.s.config.max_steps: '3': Input should be"),
+        ({"kind": "sft", "lr": -1.0}, "stages.s.config.lr: -1.0: Input should be greater"),
+        ({"kind": "ppo"}, "stages.s.config.kind: Input should be 'sft' or 'dpo'"),
+        ({"kind": "sft", "beta": 0.2}, "stages.s.config.beta: 0.2: only dpo runs take beta"),
+        ({"layers": [2]}, "stages.s.config.layers: [2]: only surgical_lora and selective"),
+    ],
+)
+def test_train_config_errors_start_with_the_field_path(data, message):
+    with pytest.raises(IntrospectError) as e:
+        parse(StanceTrainConfig, data, "stages.s.config")
+    assert str(e.value).startswith(message)
+
+
+def test_train_config_defaults_follow_the_kind():
+    sft = parse(StanceTrainConfig, {})
+    assert (sft.kind, sft.model, sft.corpus, sft.lr) == ("sft", "smollm2-135m", None, 2e-4)
+    dpo = parse(StanceTrainConfig, {"kind": "dpo"})
+    assert (dpo.lr, dpo.beta) == (DPO_LR, 0.1)
+    assert parse(StanceTrainConfig, {"kind": "dpo", "lr": 1e-3}).lr == 1e-3
+    assert isinstance(train.trainer_config(sft), SFTRunConfig)
+    run = train.trainer_config(parse(StanceTrainConfig, {"kind": "dpo", "beta": 0.3}))
+    assert isinstance(run, DPORunConfig) and (run.beta, run.lr) == (0.3, DPO_LR)
+    assert DPORunConfig().lr == DPO_LR and SFTRunConfig().lr == 2e-4
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"max_new_tokenz": 3}, "stages.s.config.max_new_tokenz: unknown key"),
+        (
+            {"runs": {"lora": {"method": "lora", "lr_typo": 1}}},
+            "stages.s.config.runs.lora.lr_typo: unknown key",
+        ),
+        ({"kl_prompts": "8"}, "stages.s.config.kl_prompts: '8': Input should be a valid integer"),
+        ({"runs": {"x": {"max_steps": 2.5}}}, "stages.s.config.runs.x.max_steps: 2.5: Input"),
+        ({"max_steps": 0}, "stages.s.config.max_steps: 0: Input should be greater than or equal"),
+        ({"checkpoint_k": [8, 0]}, "stages.s.config.checkpoint_k.1: 0: Input should be greater"),
+        ({"runs": {"x": {"kind": "ppo"}}}, "stages.s.config.runs.x.kind: Input should be"),
+        ({"runs": {"x": {"beta": 0.5}}}, "stages.s.config.runs.x.beta: 0.5: only dpo runs"),
+        ({"runs": {}}, "stages.s.config.runs: Dictionary should have at least 1 item"),
+    ],
+)
+def test_comparison_config_errors_start_with_the_field_path(data, message):
+    with pytest.raises(IntrospectError) as e:
+        parse(CompareConfig, data, "stages.s.config")
+    assert str(e.value).startswith(message)
+
+
+def test_comparison_runs_take_the_shared_defaults_and_the_middle_layers():
+    config = parse(
+        CompareConfig,
+        {
+            "max_steps": 7,
+            "runs": {
+                "s": {"method": "selective"},
+                "d": {"kind": "dpo", "max_steps": 3},
+                "x": {"method": "surgical_lora", "layers": [29]},
+            },
+        },
+    )
+    runs = run_configs(config, 30)
     assert runs["s"].layers == [13, 14, 15, 16]  # the middle four by default
+    assert (runs["s"].max_steps, runs["s"].warmup_ratio, runs["s"].lr) == (7, 0.0, 2e-4)
+    assert isinstance(runs["d"], DPORunConfig)
+    assert (runs["d"].max_steps, runs["d"].lr) == (3, DPO_LR)
+    assert runs["x"].layers == [29]
+    with pytest.raises(IntrospectError, match=r"^runs\.x\.layers: 29 is out of range"):
+        run_configs(config, 4)
+    assert set(CompareConfig().runs) == {"full", "lora", "surgical_lora", "selective", "dpo"}
 
 
 def test_comparison_writes_report_and_resumes(tmp_path):
@@ -286,8 +375,12 @@ def test_comparison_writes_report_and_resumes(tmp_path):
         "kl_prompts": 1,
     }
     out = tmp_path / "cmp"
-    metrics = run_stance_comparison(config, out)
+    seen = []
+    metrics = run_stance_comparison(config, out, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
     assert set(metrics["runs"]) == {"full", "dpo"}
+    assert [r["run"] for r in metrics["overview"]] == ["full", "dpo"]
+    assert compare.summary_line(metrics).endswith(f"min → {out / 'summary.md'}")
     full = metrics["runs"]["full"]
     assert full["trainable_params"] == full["total_params"]
     assert metrics["runs"]["dpo"]["trainable_params"] < full["trainable_params"]
@@ -312,42 +405,42 @@ def test_comparison_writes_report_and_resumes(tmp_path):
     assert again["runs"]["full"]["stability"] == full["stability"]
 
 
-def test_cli_trains_then_analyses_weights(tmp_path):
-    from typer.testing import CliRunner
-
-    from cluster.cli_stance import app
-
+def test_train_then_analyse_weights(tmp_path):
+    """The two recipe entry points end to end: what `stance train` and `stance weights` do."""
     corpus = write_jsonl(ROWS, tmp_path / "sft.jsonl")
-    runner = CliRunner()
     run = tmp_path / "run"
-    args = [
-        "train",
-        "sft",
-        "--out",
-        str(run),
-        "--model",
-        "tiny-random",
-        "--corpus",
-        str(corpus),
-        "--method",
-        "surgical_lora",
-        "--layers",
-        "2",
-        "--modules",
-        "v_proj",
-        "--steps",
-        "1",
-        "--set",
-        "batch_size=2",
-    ]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    config = {
+        "kind": "sft",
+        "model": "tiny-random",
+        "corpus": str(corpus),
+        "method": "surgical_lora",
+        "layers": [2],
+        "modules": ["v_proj"],
+        "max_steps": 2,
+        "batch_size": 2,
+    }
+    seen = []
+    metrics = run_stance_train(config, run, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 2), (2, 2)]
     saved = json.loads((run / "result.json").read_text())
     assert saved["config"]["layers"] == [2] and saved["config"]["batch_size"] == 2
-    result = runner.invoke(app, ["weights", "--run", str(run), "--out", str(tmp_path / "w")])
-    assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "w" / "weight_changes.json").read_text())
+    assert "beta" not in saved["config"] and "beta" not in metrics["config"]
+    assert metrics["steps"] == 2 and metrics["n_rows"] == len(ROWS)
+    line = train.summary_line(metrics)
+    assert line.startswith("sft surgical_lora: 2 steps in ") and line.endswith(f"MiB → {run}")
+    assert "trainable parameters, loss " in line
+
+    out = tmp_path / "w"
+    w = run_stance_weights({"run": str(run), "top": 1}, out)
+    rows = json.loads((out / "weight_changes.json").read_text())
     assert [r["module"] for r in rows] == ["model.layers.2.self_attn.v_proj"]
-    assert (tmp_path / "w" / "weight_changes.png").is_file()
-    bad = runner.invoke(app, ["train", "ppo", "--out", str(tmp_path / "x")])
-    assert isinstance(bad.exception, IntrospectError) and "kind:" in str(bad.exception)
+    assert (out / "weight_changes.png").is_file()
+    assert w["modules_changed"] == 1 and w["base_model"] == "tiny-random"
+    assert [r["module"] for r in w["top"]] == ["model.layers.2.self_attn.v_proj"]
+    assert set(w["top"][0]) == set(weights.TOP_COLUMNS)
+    assert weights.summary_line(w) == (
+        f"1 changed modules → {out / 'weight_changes.json'}, {out / 'weight_changes.png'}"
+    )
+    with pytest.raises(IntrospectError, match=r"^layers: 7 is out of range \[0, 4\)"):
+        run_stance_train({**config, "layers": [7]}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused before any model or corpus was loaded

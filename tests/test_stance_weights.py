@@ -332,3 +332,21 @@ def test_next_token_kl_is_zero_for_the_same_model_and_positive_for_a_changed_one
         lq = torch.log_softmax(logits(tuned, ids)[0].double(), -1)
         terms.append(torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1))
     assert kl == pytest.approx(float(torch.cat(terms).mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "stages.s.config.run: required"),
+        ({"run": "r", "top": 0}, "stages.s.config.top: 0: Input should be greater than or equal"),
+        ({"run": "r", "top": "5"}, "stages.s.config.top: '5': Input should be a valid integer"),
+        ({"run": "r", "bsae": "tiny-random"}, "stages.s.config.bsae: unknown key"),
+    ],
+)
+def test_weights_config_errors_name_the_field(data, message):
+    from introspect.config import parse
+    from introspect.stance.weights import StanceWeightsConfig
+
+    with pytest.raises(IntrospectError) as e:
+        parse(StanceWeightsConfig, data, "stages.s.config")
+    assert str(e.value).startswith(message)

@@ -24,7 +24,8 @@ VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="ran
 
 @pytest.fixture(scope="module")
 def data():
-    df = make_examples(DataConfig(n=120, seed=0, magnitudes=[8.0, 16.0]), 4, VS)
+    config = DataConfig(n=120, seed=0, magnitudes=[8.0, 16.0], magnitude_mode="absolute")
+    df = make_examples(config, 4, VS)
     return split(df, 0.2, seed=0)
 
 
@@ -42,7 +43,16 @@ def adapter(run_dir):
 
 
 def test_loop_writes_log_checkpoints_best_and_final(tmp_path, data):
-    result = train(fresh(), *data, {"random": VS}, quick(), tmp_path / "run")
+    calls = []
+    result = train(
+        fresh(),
+        *data,
+        {"random": VS},
+        quick(),
+        tmp_path / "run",
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls == [(step, 12) for step in range(13)]  # before the first step, then each one
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert {"loss", "accuracy", "lr", "examples_per_s", "grad_norm"} <= set(log[0])
@@ -53,6 +63,15 @@ def test_loop_writes_log_checkpoints_best_and_final(tmp_path, data):
     assert result.steps == 12 and 0 <= result.best_val_accuracy <= 1
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["best_step"] in (4, 8, 12)
+    assert metrics["run_dir"] == str(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == "tiny-random" and config["max_steps"] == 12
+    # Only the kept checkpoints remain, and no temporary directory is left behind.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000008",
+        "step-000012",
+    ]
 
 
 def test_training_learns_on_tiny_random(tmp_path, data):
@@ -96,7 +115,17 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, data):
     with pytest.raises(Killed):
         train(fresh(), *data, {"random": VS}, quick(), tmp_path / "killed", on_step=kill_at_6)
     assert latest_checkpoint(tmp_path / "killed").name == "step-000004"
-    train(fresh(), *data, {"random": VS}, quick(), tmp_path / "killed", resume=True)
+    calls = []
+    train(
+        fresh(),
+        *data,
+        {"random": VS},
+        quick(),
+        tmp_path / "killed",
+        resume=True,
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls[0] == (4, 12) and calls[-1] == (12, 12)
 
     a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -151,7 +180,7 @@ def test_presets_and_overrides():
     assert preset("original", lora_r=4).lora_r == 4
     with pytest.raises(IntrospectError, match="preset"):
         preset("nope")
-    with pytest.raises(IntrospectError, match="lora_rank: not a training option"):
+    with pytest.raises(IntrospectError, match="lora_rank: unknown key"):
         preset("original", lora_rank=4)
     with pytest.raises(IntrospectError, match="method"):
         preset("original", method="qlora")
@@ -169,15 +198,46 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data):
 def test_a_mid_run_checkpoint_loads_for_evaluation(tmp_path, data):
     from introspect.detection import score_detection
     from introspect.examples import to_detection_examples
-    from introspect.train import load_run_checkpoint
+    from introspect.runs import evaluated_parts, load_evaluated, load_run_checkpoint
 
-    train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
+    run = tmp_path / "run"
+    train(fresh(), *data, {"random": VS}, quick(max_steps=4), run)
     rows = to_detection_examples(data[1].head(6), {"random": VS}, 4, 64)
-    from_ckpt = load_run_checkpoint(fresh(), latest_checkpoint(tmp_path / "run"))
-    exported = models.load("tiny-random", device="cpu", adapter=tmp_path / "run" / "final")
+    ckpt = latest_checkpoint(run)
+    from_ckpt = load_run_checkpoint(fresh(), ckpt)
+    exported = models.load("tiny-random", device="cpu", adapter=run / "final")
     a = score_detection(from_ckpt.model, from_ckpt.tokenizer, rows).p_yes
     b = score_detection(exported.model, exported.tokenizer, rows).p_yes
     untrained = score_detection(fresh().model, exported.tokenizer, rows).p_yes
     assert a == pytest.approx(b, abs=1e-6) and a != pytest.approx(untrained, abs=1e-4)
     with pytest.raises(IntrospectError, match="not a complete checkpoint"):
-        load_run_checkpoint(fresh(), tmp_path / "run" / "final")
+        load_run_checkpoint(fresh(), run / "final")
+    # The evaluation entry point reads the run directory the same way.
+    assert evaluated_parts("tiny-random", run) == ("tiny-random", run / "best", None)
+    assert evaluated_parts("tiny-random", ckpt) == ("tiny-random", None, ckpt)
+    assert evaluated_parts("tiny-random", None) == ("tiny-random", None, None)
+    via_run = load_evaluated("tiny-random", ckpt, device="cpu")
+    assert score_detection(via_run.model, via_run.tokenizer, rows).p_yes == pytest.approx(a)
+
+
+def test_an_interrupted_directory_write_keeps_the_old_directory(tmp_path):
+    from introspect.checkpoints import replace_dir
+
+    def fill(text):
+        return lambda tmp: (tmp / "file.txt").write_text(text)
+
+    target = tmp_path / "out"
+    replace_dir(target, fill("one"))
+    replace_dir(target, fill("two"))
+    assert (target / "file.txt").read_text() == "two"
+
+    def broken(tmp):
+        (tmp / "file.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(target, broken)
+    assert (target / "file.txt").read_text() == "two"
+    replace_dir(target, fill("three"), keep_existing=True)  # another writer finished first
+    assert (target / "file.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

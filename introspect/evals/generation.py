@@ -8,31 +8,36 @@ tokens read the steered cache unsteered, as in the steer-then-remove protocol.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from introspect.config import Config
 from introspect.errors import IntrospectError
-from introspect.models import LoadedModel, backbone, causal_lm
+from introspect.models import LoadedModel, backbone, cache_kwargs, causal_lm, output_cache
 from introspect.steering import Steering, position_mask, steer
 
+# The decoding knobs' constraints, defined once: :class:`Sampling` and the suites' configs that
+# expose these knobs (with their own defaults) use the same types.
+MaxNewTokens = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0, le=1)]
 
-@dataclasses.dataclass
-class Sampling:
+
+class Sampling(Config):
     """How to decode: temperature 0 is greedy; ``top_p`` < 1 keeps the smallest nucleus."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_new_tokens: MaxNewTokens = Field(64, description="most tokens generated per row")
+    temperature: Temperature = Field(0.0, description="sampling temperature (0 = greedy)")
+    top_p: TopP = Field(1.0, description="nucleus sampling mass (1 = the whole distribution)")
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise IntrospectError(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
-        if not self.temperature >= 0:
-            raise IntrospectError(f"temperature: {self.temperature} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise IntrospectError(f"top_p: {self.top_p} must be in (0, 1]")
+    @classmethod
+    def of(cls, config) -> Sampling:
+        """The sampling knobs of a suite's config (which has fields of these names)."""
+        return cls(**{name: getattr(config, name) for name in cls.model_fields})
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
@@ -57,14 +62,9 @@ def generate(
     steerings: Sequence[Steering | None] | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """Decode a continuation of each prompt (token ids), in input order.
-
-    Each row samples with its own generator seeded by ``seeds[i]``, so a row's text does not
-    depend on its batch-mates. A row's steering is applied only while the prompt is read, at
-    its ``positions`` (a slice of the prompt) or the whole prompt: the generated tokens read the
-    steered cache unsteered, as in the steer-then-remove protocol.
-    """
-    sampling.validate()
+    """Decode a continuation of each prompt (token ids), in input order: row ``i`` samples with
+    seed ``seeds[i]`` and is steered by ``steerings[i]`` while its prompt is read, at the
+    steering's ``positions`` or over the whole prompt (see the module docstring)."""
     if batch_size < 1:
         raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
     seeds = list(seeds) if seeds is not None else [0] * len(prompts)
@@ -109,16 +109,14 @@ def prefill(lm: LoadedModel, prompts, steerings, pad: int):
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     forward = backbone(model)
+    steering = nullcontext()
     if any(s is not None for s in steerings):
         where = position_mask(steerings, [len(p) for p in prompts], width)
-        with steer(model, steerings, mask=where):
-            out = forward(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
-            )
-    else:
+        steering = steer(model, steerings, mask=where)
+    with steering:
         out = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     logits = causal_lm(model).get_output_embeddings()(out.last_hidden_state[:, -1])
-    return out.past_key_values, logits, mask, positions
+    return output_cache(forward, out), logits, mask, positions
 
 
 def _generate_batch(lm, prompts, steerings, seeds, sampling, pad, stop) -> list[str]:
@@ -147,9 +145,9 @@ def _generate_batch(lm, prompts, steerings, seeds, sampling, pad, stop) -> list[
             input_ids=torch.tensor(step, device=device)[:, None],
             attention_mask=mask,
             position_ids=next_pos,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(forward, cache),
         )
-        cache, logits = h.past_key_values, head(h.last_hidden_state[:, -1])
+        cache, logits = output_cache(forward, h), head(h.last_hidden_state[:, -1])
         next_pos = next_pos + 1
     return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in new]

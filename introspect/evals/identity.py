@@ -9,54 +9,51 @@ sampling; temperature, top-p and max_new_tokens are knobs). Responses are saved 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
+from pydantic import Field
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
     chat_ids,
+    finish,
     fmt_rate,
-    in_process,
-    load_model,
-    markdown_table,
     model_label,
-    parse_config,
-    positive,
     read_json,
     read_resource,
     row_seed,
-    write_outputs,
+    suite_mapper,
 )
-from introspect.evals.generation import Sampling, generate
+from introspect.evals.generation import MaxNewTokens, Sampling, Temperature, TopP, generate
+from introspect.io import markdown_table
 from introspect.models import LoadedModel
 
-FULL = {"n_samples": 5, "max_new_tokens": 200}
 
+class IdentityConfig(FullRun, ModelConfig):
+    """B3: sampled answers to open questions about the model itself, classified by stance."""
 
-@dataclass
-class IdentityConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    questions: str | None = None  # a JSON file like resources/evals/identity.json
-    n_questions: int | None = None  # the first N questions (all when None)
-    n_samples: int = 2
-    max_new_tokens: int = 48
-    temperature: float = 0.7
-    top_p: float = 0.9
-    system_prompt: str | None = None
-    seed: int = 0
-    batch_size: int = 32
+    FULL: ClassVar[dict] = {"n_samples": 5, "max_new_tokens": 200}
 
-    def validate(self) -> None:
-        positive(self, "n_samples", "batch_size")
-        if self.n_questions is not None:
-            positive(self, "n_questions")
-        Sampling(self.max_new_tokens, self.temperature, self.top_p).validate()
+    questions: str | None = Field(
+        None,
+        description="JSON question file like resources/evals/identity.json "
+        "(default: the shipped questions)",
+    )
+    n_questions: int | None = Field(
+        None, ge=1, description="only the first N questions (default: all)"
+    )
+    n_samples: int = Field(2, ge=1, description="sampled responses per question")
+    max_new_tokens: MaxNewTokens = Field(48, description="most tokens per response")
+    temperature: Temperature = Field(0.7, description="sampling temperature (0 = greedy)")
+    top_p: TopP = Field(0.9, description="nucleus sampling mass")
+    system_prompt: str | None = Field(None, description="system prompt (default: none)")
+    seed: int = Field(0, description="sampling seed (each response's seed is derived from it)")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
 
 
 def identity_trials(data: dict | None = None, n_samples: int = 5, n_questions: int | None = None):
@@ -125,30 +122,22 @@ def identity_metrics(results: pd.DataFrame, out_dir: str | os.PathLike | None = 
 
 
 def summary_markdown(metrics: dict, label: str, cfg: IdentityConfig, examples: list) -> str:
-    rates = metrics["rates"]
+    rates, overall = metrics["rates"], metrics["rates"]["overall"]
+    groups = [(c.replace("_", " "), b["n"], b) for c, b in rates["by_category"].items()]
     rows = [
         {
-            "question category": cat.replace("_", " "),
-            "n": block["n"],
-            "performative (any) [95% CI]": fmt_rate(_as_rate(block["performative_any"], block)),
-            "pragmatic (any) [95% CI]": fmt_rate(_as_rate(block["pragmatic_any"], block)),
+            "question category": name,
+            "n": n,
+            "performative (any) [95% CI]": fmt_rate(block["performative_any"]),
+            "pragmatic (any) [95% CI]": fmt_rate(block["pragmatic_any"]),
         }
-        for cat, block in rates["by_category"].items()
+        for name, n, block in [*groups, ("**all**", rates["n"], overall)]
     ]
-    overall = rates["overall"]
-    rows.append(
-        {
-            "question category": "**all**",
-            "n": rates["n"],
-            "performative (any) [95% CI]": fmt_rate(_as_rate(overall["performative_any"], rates)),
-            "pragmatic (any) [95% CI]": fmt_rate(_as_rate(overall["pragmatic_any"], rates)),
-        }
-    )
     top = sorted(
         ((k, v) for k, v in overall.items() if not k.endswith("_any")),
         key=lambda kv: -kv[1]["rate"],
     )[:4]
-    common = ", ".join(f"{k.replace('_', ' ')} {v['rate']:.0%}" for k, v in top if v["count"])
+    common = ", ".join(f"{k.replace('_', ' ')} {v['rate']:.0%}" for k, v in top if v["successes"])
     crit = [
         {
             "criterion": c["criterion"],
@@ -157,7 +146,7 @@ def summary_markdown(metrics: dict, label: str, cfg: IdentityConfig, examples: l
         }
         for c in metrics["criteria"]
     ]
-    quotes = "\n".join(f"> **{q}** “{_one_line(r)[:200]}”\n" for q, r in examples)
+    quotes = "\n".join(f"> **{q}** “{' '.join(r.split())[:200]}”\n" for q, r in examples)
     return (
         f"### B3 identity responses: {label}\n\n"
         f"{metrics['n_responses']} responses ({cfg.n_samples} samples per question, temperature "
@@ -172,43 +161,30 @@ def summary_markdown(metrics: dict, label: str, cfg: IdentityConfig, examples: l
     )
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _as_rate(block: dict, parent: dict) -> dict:
-    return {"rate": block["rate"], "n": parent["n"], "ci": block["ci"]}
-
-
 def run_identity(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: IdentityConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage: sample responses, save responses.jsonl, classify, write metrics and summary.
-
-    ``mapper`` as in :func:`introspect.evals.behavioral.run_behavioral`."""
-    cfg = parse_config(IdentityConfig, config, FULL)
+    """Plan stage: sample responses, save responses.jsonl, classify, write metrics and summary."""
+    cfg = parse(IdentityConfig, config)
     data = read_json(cfg.questions, "questions") if cfg.questions else None
     trials = identity_trials(data, cfg.n_samples, cfg.n_questions)
-    mapper = mapper or in_process(lm or load_model(cfg))
-    responses = mapper(
+    responses = suite_mapper(cfg, lm, mapper, progress)(
         generate_responses,
         trials,
-        sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+        sampling=Sampling.of(cfg),
         seed=cfg.seed,
         system_prompt=cfg.system_prompt,
         batch_size=cfg.batch_size,
     )
     results = trials.merge(responses, on="key")
-    out = Path(out_dir)
-    metrics = identity_metrics(results, out)
-    label = model_label(cfg)
-    metrics.update(config=asdict(cfg), label=label)
+    metrics = identity_metrics(results, out_dir)
     first = results[results["sample"] == 0].groupby("category", sort=False).head(1)
     examples = list(zip(first["question"], first["response"], strict=True))
+    summary = summary_markdown(metrics, model_label(cfg), cfg, examples)
     responses = results[["question", "category", "sample", "response"]]
-    return write_outputs(
-        out,
-        metrics,
-        summary_markdown(metrics, label, cfg, examples),
-        {"responses.jsonl": responses},
-    )
+    return finish(cfg, out_dir, metrics, summary, {"responses.jsonl": responses})

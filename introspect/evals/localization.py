@@ -18,61 +18,73 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal, get_args
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
+from introspect.config import Config, parse
 from introspect.data import layer_ranges
 from introspect.detection import DetectionExample, DetectionPrompt, build_prompt, messages
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
     answer_ids,
+    figure,
+    finish,
     fmt_rate,
-    in_process,
     load_model,
-    markdown_table,
     model_label,
-    parse_config,
-    positive,
     rate,
+    rate_bars,
     read_resource,
+    row_steering,
     score_choices,
-    write_outputs,
+    suite_mapper,
 )
+from introspect.io import markdown_table
 from introspect.models import LoadedModel
-from introspect.steering import Steering
 
-QUESTIONS = ("layers", "strength", "sentence")
+Question = Literal["layers", "strength", "sentence"]
+QUESTIONS: tuple[str, ...] = get_args(Question)
 STRENGTHS = ("weak", "medium", "strong")
-FULL = {"n_per_question": 300}
 
 
-@dataclass
-class LocalizationConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    vectors: str | None = None  # random vector file; default random_vectors(d, 200, seed 42)
-    n_per_question: int = 30
-    questions: list[str] | None = None  # default all three
-    strength_factors: list[float] | None = None  # default from localization.json
-    seed: int = 1234
-    batch_size: int = 16
+class LocalizationTrials(Config):
+    """What B7's trials are made of; shared by B7 and Phase C training
+    (:class:`introspect.localize_train.LocalizeTrainConfig`)."""
 
-    def validate(self) -> None:
-        positive(self, "n_per_question", "batch_size")
-        bad = sorted(set(self.questions or []) - set(QUESTIONS))
-        if bad:
-            raise IntrospectError(f"questions: {bad[0]!r} is not one of {', '.join(QUESTIONS)}")
-        if self.strength_factors is not None and (
-            len(self.strength_factors) != 3 or any(f <= 0 for f in self.strength_factors)
-        ):
-            raise IntrospectError("strength_factors: need three numbers > 0 (weak, medium, strong)")
+    vectors: str | None = Field(
+        None,
+        description="random vector file (default: 200 random unit vectors, seed 42, rows < 100 "
+        "for training)",
+    )
+    questions: list[Question] | None = Field(
+        None, min_length=1, description="questions asked: layers, strength, sentence (default: all)"
+    )
+    n_per_question: int = Field(30, ge=1, description="B7 evaluation trials per question")
+    strength_factors: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="weak, medium, strong: factors of the layer range's mean residual norm "
+        "(default: those in resources/evals/localization.json)",
+    )
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+
+
+class LocalizationConfig(FullRun, LocalizationTrials, ModelConfig):
+    """B7: which layers, how strong, which sentence was steered (zero-shot or trained)?"""
+
+    FULL: ClassVar[dict] = {"n_per_question": 300}
+
+    seed: int = Field(1234, description="seed of the trials drawn")
 
 
 def default_vectors(d_model: int, path: str | None = None, model: str = ""):
@@ -180,13 +192,7 @@ def localization_prompts(
         )
         prompt = build_prompt(tokenizer, example)
         positions = sentence_positions(tokenizer, example, sentences, int(r.steered_sentence))
-        steering = Steering(
-            vectors[int(r.vector_idx)],
-            int(r.layer_start),
-            int(r.layer_end),
-            float(r.magnitude),
-            positions=positions,
-        )
+        steering = row_steering(vectors, r, positions)
         ids = answer_ids(tokenizer, q["answer_tokens"])
         out.append(replace(prompt, answer_ids=ids, steering=steering))
     return out
@@ -258,59 +264,51 @@ def summary_markdown(metrics: dict, title: str, note: str = "", level: int = 3) 
 
 def plot(metrics: dict, path: Path, title: str) -> None:
     """Accuracy per question with intervals and chance, and the confusion matrices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     qs = list(metrics)
-    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(3.6 * (len(qs) + 1), 3.6))
-    ax = axes[0]
-    vals = np.array([metrics[q]["accuracy"]["rate"] for q in qs])
-    lo = np.array([metrics[q]["accuracy"]["ci"][0] for q in qs])
-    hi = np.array([metrics[q]["accuracy"]["ci"][1] for q in qs])
-    ax.bar(qs, vals, yerr=np.vstack([vals - lo, hi - vals]).clip(min=0), capsize=4, color="C0")
-    ax.axhline(1 / 3, color="C3", ls="--", lw=1, label="chance")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (95% CI)")
-    ax.legend(fontsize=8)
-    for ax, q in zip(axes[1:], qs, strict=True):
-        c = np.array(metrics[q]["confusion"])
-        ax.imshow(c, cmap="Blues", vmin=0)
-        names = metrics[q]["answers"]
-        ax.set_xticks(range(3), names, fontsize=8)
-        ax.set_yticks(range(3), names, fontsize=8)
-        ax.set_xlabel("answered")
-        ax.set_ylabel("truth")
-        ax.set_title(q, fontsize=9)
-        for i in range(3):
-            for j in range(3):
-                ink = "white" if c[i, j] > c.max() / 2 else "black"
-                ax.text(j, i, str(c[i, j]), ha="center", va="center", color=ink, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(qs) + 1, figsize=(3.6 * (len(qs) + 1), 3.6)) as (fig, axes):
+        ax = axes[0]
+        rate_bars(ax, qs, [metrics[q]["accuracy"] for q in qs], capsize=4, color="C0")
+        ax.axhline(1 / 3, color="C3", ls="--", lw=1, label="chance")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (95% CI)")
+        ax.legend(fontsize=8)
+        for ax, q in zip(axes[1:], qs, strict=True):
+            c = np.array(metrics[q]["confusion"])
+            ax.imshow(c, cmap="Blues", vmin=0)
+            names = metrics[q]["answers"]
+            ax.set_xticks(range(3), names, fontsize=8)
+            ax.set_yticks(range(3), names, fontsize=8)
+            ax.set_xlabel("answered")
+            ax.set_ylabel("truth")
+            ax.set_title(q, fontsize=9)
+            for i in range(3):
+                for j in range(3):
+                    ink = "white" if c[i, j] > c.max() / 2 else "black"
+                    ax.text(j, i, str(c[i, j]), ha="center", va="center", color=ink, fontsize=9)
+        fig.suptitle(title, fontsize=10)
 
 
 def evaluate_localization(
-    lm: LoadedModel, cfg: LocalizationConfig, norms: list[float] | None = None, mapper=None
+    lm: LoadedModel,
+    cfg: LocalizationConfig,
+    norms: list[float] | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """B7 on held-out vectors and the evaluation sentences: results table and metrics.
 
-    Norms are measured on ``lm`` (its base, adapter off) unless given; ``mapper`` (as in
-    :func:`introspect.evals.behavioral.run_behavioral`) runs the scoring."""
+    Norms are measured on ``lm`` (its base, adapter off) unless given; ``mapper`` and
+    ``progress`` (as in :func:`introspect.evals.common.suite_mapper`) run the scoring."""
     from introspect.activations import base_residual_norms
 
     texts = read_resource("localization.json")
     vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
     if norms is None:
         norms = base_residual_norms(lm, norm_contexts(texts))
-    rows = range(vs.n_train, vs.vectors.shape[0]) if vs.n_train < len(vs.vectors) else range(0)
     trials = localization_trials(
         lm.n_layers,
         norms,
-        rows,
+        range(vs.n_train, len(vs.vectors)),
         cfg.n_per_question,
         "eval",
         cfg.questions,
@@ -318,7 +316,7 @@ def evaluate_localization(
         cfg.seed,
         texts,
     )
-    scores = (mapper or in_process(lm))(
+    scores = suite_mapper(cfg, lm, mapper, progress)(
         score_localization, trials, vectors=vs.vectors, batch_size=cfg.batch_size
     )
     results = trials.merge(scores, on="key")
@@ -326,20 +324,22 @@ def evaluate_localization(
 
 
 def run_localization(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: LocalizationConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
     """Plan stage (B7, zero-shot or on a trained adapter): trials, scores, metrics, files."""
-    cfg = parse_config(LocalizationConfig, config, FULL)
+    cfg = parse(LocalizationConfig, config)
     lm = lm or load_model(cfg)
-    results, per_question = evaluate_localization(lm, cfg, mapper=mapper)
-    label = model_label(cfg)
-    metrics = {"questions": per_question, "config": asdict(cfg), "label": label}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"B7 localisation probes: {label}"
-    plot(per_question, out / "localization.png", title)
+    results, per_question = evaluate_localization(lm, cfg, mapper=mapper, progress=progress)
+    title = f"B7 localisation probes: {model_label(cfg)}"
+    plot(per_question, Path(out_dir) / "localization.png", title)
     summary = (
         summary_markdown(per_question, title, f"{cfg.n_per_question} trials per question. ")
         + "\n![B7 accuracy and confusion matrices](localization.png)\n"
     )
-    return write_outputs(out, metrics, summary, {"results.parquet": results})
+    tables = {"results.parquet": results}
+    return finish(cfg, out_dir, {"questions": per_question}, summary, tables)

@@ -34,27 +34,31 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
+from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    FullRun,
+    ModelConfig,
+    Progress,
     chat_ids,
+    figure,
+    finish,
     fmt_rate,
-    in_process,
-    load_model,
-    markdown_table,
     model_label,
-    parse_config,
-    positive,
     rate,
-    write_outputs,
+    rate_bars,
+    suite_mapper,
 )
 from introspect.evals.generation import Sampling, generate
+from introspect.io import markdown_table
 from introspect.models import LoadedModel
 
 # The shipped sample (a plain directory: the package is installed unzipped).
@@ -66,26 +70,24 @@ NTH = {"first": 0, "second": 1, "third": 2}
 BOOLEAN = ("starts_with_vowel", "among_a_or_c", "among_b_or_d")
 # New tokens for the object-level answer: enough to hold the property (the rest is not read).
 OBJECT_TOKENS = {"character": 8, "first_word": 12, "second_word": 18, "third_word": 24}
-FULL = {"n_per_task": 100}
 
 
-@dataclass
-class SelfPredictionConfig:
-    model: str = "smollm2-135m"
-    adapter: str | None = None
-    label: str | None = None  # the name shown in reports; default: model + adapter
-    device: str | None = None
-    dtype: str | None = None
-    # dataset_release JSONL dir; None = the shipped sample. The real Binder et al. test set:
-    # binder_dir=../shared/data/binder_test (--binder-dir).
-    binder_dir: str | None = None
-    n_per_task: int = 2
-    tasks: list[str] | None = None  # file stems; all files when None
-    seed: int = 0
-    batch_size: int = 32
+class SelfPredictionConfig(FullRun, ModelConfig):
+    """B4: does the model predict properties of its own answers (Binder et al.'s format)?"""
 
-    def validate(self) -> None:
-        positive(self, "n_per_task", "batch_size")
+    FULL: ClassVar[dict] = {"n_per_task": 100}
+
+    binder_dir: str | None = Field(
+        None,
+        description="directory of dataset_release JSONL files, e.g. Binder et al.'s test set "
+        "../shared/data/binder_test (default: the small shipped sample)",
+    )
+    n_per_task: int = Field(2, ge=1, description="rows drawn from each task file")
+    tasks: list[str] | None = Field(
+        None, min_length=1, description="task file stems to run (default: every file)"
+    )
+    seed: int = Field(0, description="seed of the rows drawn")
+    batch_size: int = Field(32, ge=1, description="prompts generated together")
 
 
 def binder_dir(path: str | os.PathLike | None) -> Path:
@@ -241,11 +243,11 @@ def answer_self_prediction(
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
         prompts = [chat_ids(tok, json.loads(shard["object_prompt"].iloc[i])) for i in idx]
-        texts = generate(lm, prompts, Sampling(budget), batch_size=batch_size)
+        texts = generate(lm, prompts, Sampling(max_new_tokens=budget), batch_size=batch_size)
         for i, t in zip(idx, texts, strict=True):
             obj[i] = t
     prompts = [chat_ids(tok, json.loads(m)) for m in shard["hypothetical_prompt"]]
-    hyp = generate(lm, prompts, Sampling(6), batch_size=batch_size)
+    hyp = generate(lm, prompts, Sampling(max_new_tokens=6), batch_size=batch_size)
     return pd.DataFrame(
         {"key": shard["key"].to_numpy(), "object_response": obj, "hypothetical_response": hyp}
     )
@@ -271,12 +273,10 @@ def score_rows(results: pd.DataFrame) -> pd.DataFrame:
 def self_prediction_metrics(scored: pd.DataFrame) -> dict:
     """Per task and pooled: accuracy vs the most-common-answer baseline, Wilson intervals."""
     tasks = []
-    total = {"correct": 0, "mode": 0, "n": 0}
     for task, df in scored.groupby("task", sort=True):
         ok = df[df["target"].notna()]
         counts = Counter(ok["target"])
         mode, mode_n = counts.most_common(1)[0] if counts else (None, 0)
-        correct = int(ok["correct"].sum())
         tasks.append(
             {
                 "task": task,
@@ -284,21 +284,14 @@ def self_prediction_metrics(scored: pd.DataFrame) -> dict:
                 "n": len(ok),
                 "n_excluded": len(df) - len(ok),
                 "n_unreadable_predictions": int(ok["prediction"].isna().sum()),
-                "accuracy": rate(correct, len(ok)),
+                "accuracy": rate(int(ok["correct"].sum()), len(ok)),
                 "baseline": rate(mode_n, len(ok)),
                 "most_common": mode,
             }
         )
-        total["correct"] += correct
-        total["mode"] += mode_n
-        total["n"] += len(ok)
-    return {
-        "tasks": tasks,
-        "overall": {
-            "accuracy": rate(total["correct"], total["n"]),
-            "baseline": rate(total["mode"], total["n"]),
-        },
-    }
+    n = sum(t["n"] for t in tasks)
+    pooled = {k: rate(sum(t[k]["successes"] for t in tasks), n) for k in ("accuracy", "baseline")}
+    return {"tasks": tasks, "overall": pooled}
 
 
 def summary_markdown(metrics: dict, label: str, n_per_task: int) -> str:
@@ -339,49 +332,37 @@ def summary_markdown(metrics: dict, label: str, n_per_task: int) -> str:
 
 
 def plot(metrics: dict, path: Path, label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = metrics["tasks"]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    x = np.arange(len(tasks))
-    for offset, key, colour in ((-0.2, "accuracy", "C0"), (0.2, "baseline", "C7")):
-        vals = np.array([t[key]["rate"] for t in tasks], dtype=float)
-        lo = np.array([t[key]["ci"][0] for t in tasks], dtype=float)
-        hi = np.array([t[key]["ci"][1] for t in tasks], dtype=float)
-        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
-        ax.bar(x + offset, vals, 0.4, yerr=err, capsize=2, color=colour, label=key)
-    ax.set_xticks(x, [t["task"] for t in tasks], rotation=60, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of rows")
-    ax.set_title(f"B4 self-prediction: accuracy vs most-common baseline (95% CI), {label}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(11, 4.8)) as (fig, ax):
+        x = np.arange(len(tasks))
+        for offset, key, colour in ((-0.2, "accuracy", "C0"), (0.2, "baseline", "C7")):
+            rate_bars(
+                ax, x + offset, [t[key] for t in tasks], 0.4, capsize=2, color=colour, label=key
+            )
+        ax.set_xticks(x, [t["task"] for t in tasks], rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of rows")
+        ax.set_title(f"B4 self-prediction: accuracy vs most-common baseline (95% CI), {label}")
+        ax.legend(fontsize=8)
 
 
 def run_self_prediction(
-    config: dict, out_dir: str | os.PathLike, lm: LoadedModel | None = None, mapper=None
+    config: SelfPredictionConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Plan stage: answer both prompts per row, score, write results, metrics and summary.
-
-    ``mapper`` as in :func:`introspect.evals.behavioral.run_behavioral`."""
-    cfg = parse_config(SelfPredictionConfig, config, FULL)
+    """Plan stage: answer both prompts per row, score, write results, metrics and summary."""
+    cfg = parse(SelfPredictionConfig, config)
     trials = self_prediction_trials(cfg.binder_dir, cfg.n_per_task, cfg.seed, cfg.tasks)
-    mapper = mapper or in_process(lm or load_model(cfg))
+    mapper = suite_mapper(cfg, lm, mapper, progress)
     answers = mapper(answer_self_prediction, trials, batch_size=cfg.batch_size)
-    results = trials.merge(answers, on="key")
-    scored = score_rows(results)
+    scored = score_rows(trials.merge(answers, on="key"))
     metrics = self_prediction_metrics(scored)
     label = model_label(cfg)
-    metrics.update(config=asdict(cfg), label=label, n_tasks=len(metrics["tasks"]))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(metrics, out / "self_prediction.png", label)
-    table = scored.drop(columns=["object_prompt", "hypothetical_prompt"])
-    return write_outputs(
-        out, metrics, summary_markdown(metrics, label, cfg.n_per_task), {"results.parquet": table}
-    )
+    plot(metrics, Path(out_dir) / "self_prediction.png", label)
+    summary = summary_markdown(metrics, label, cfg.n_per_task)
+    table = {"results.parquet": scored.drop(columns=["object_prompt", "hypothetical_prompt"])}
+    return finish(cfg, out_dir, metrics, summary, table, n_tasks=len(metrics["tasks"]))

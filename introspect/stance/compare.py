@@ -18,16 +18,17 @@ import gc
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from introspect import models
+from introspect.config import ModelChoice, parse
 from introspect.errors import IntrospectError
-from introspect.evals.common import atomic_write, parse_config
+from introspect.io import read_jsonl, write_text
 from introspect.stance import behaviour, corpus
 from introspect.stance.dpo import DPORunConfig, train_dpo
 from introspect.stance.layer_checkpoints import (
@@ -35,8 +36,10 @@ from introspect.stance.layer_checkpoints import (
     next_token_kl,
     save_layer_checkpoint,
 )
-from introspect.stance.patterns import success_criteria, write_patterns
+from introspect.stance.patterns import ANY_KEYS, success_criteria, write_patterns
 from introspect.stance.sft import SFTRunConfig, train_sft
+from introspect.stance.train import StanceRun, trainer_config
+from introspect.stance.tuning import LAYERED, Progress, check_layers
 from introspect.stance.weights import (
     analyse_deltas,
     base_linear_weights,
@@ -55,62 +58,74 @@ DEFAULT_RUNS: dict[str, dict[str, Any]] = {
     "selective": {"method": "selective", "lr": 1e-4},
     "dpo": {"kind": "dpo", "method": "lora", "lr": 1e-4, "beta": 0.1, "batch_size": 2},
 }
+# Settings of the comparison that are every run's default (a run may set its own).
+SHARED = ("max_steps", "batch_size", "warmup_ratio", "seed")
 
 
-@dataclass
-class CompareConfig:
-    """Settings of one comparison. ``runs`` maps a run name to ``kind`` (sft / dpo) and the
-    fields of :class:`SFTRunConfig` / :class:`DPORunConfig`; given, it replaces the default five.
-    ``max_steps``, ``batch_size``, ``warmup_ratio`` and ``seed`` are defaults for every run."""
+class CompareRun(StanceRun):
+    """One run of a comparison: a :class:`StanceRun` whose ``layers`` may be left out for
+    surgical_lora / selective (the middle four decoder layers are used), and whose
+    ``max_steps``, ``batch_size``, ``warmup_ratio`` and ``seed`` default to the comparison's."""
 
-    model: str = "smollm2-135m"
-    sft_corpus: str | None = None  # JSONL / seed JSON; None: the shipped sft.jsonl
-    pairs_corpus: str | None = None  # None: the shipped pairs.jsonl
-    eval_questions: str | None = None  # None: the shipped eval.jsonl
-    runs: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RUNS))
-    max_steps: int = 24  # defaults for every run (a run may set its own)
-    batch_size: int = 4
-    warmup_ratio: float = 0.0  # HF's warm-up starts at lr 0; short runs cannot spare steps
-    seed: int = 0
-    max_new_tokens: int = 40
-    gen_batch_size: int = 32
-    checkpoint_k: list[int] = field(default_factory=lambda: [8, 32])
-    kl_prompts: int = 8  # held-out questions used for the checkpoints' KL
-    device: str | None = None
+    LAYERS_DEFAULTED: ClassVar[bool] = True
 
-    def validate(self) -> None:
-        if not self.runs:
-            raise IntrospectError("runs: name at least one run")
-        for name in ("max_steps", "batch_size", "max_new_tokens", "gen_batch_size", "kl_prompts"):
-            if getattr(self, name) < 1:
-                raise IntrospectError(f"{name}: {getattr(self, name)} must be >= 1")
-        if any(k < 1 for k in self.checkpoint_k):
-            raise IntrospectError(f"checkpoint_k: {self.checkpoint_k} must all be >= 1")
+
+def _default_runs() -> dict[str, CompareRun]:
+    return {name: CompareRun.model_validate(spec) for name, spec in DEFAULT_RUNS.items()}
+
+
+class CompareConfig(ModelChoice):
+    """Settings of one comparison (``stance compare``). ``runs`` maps a run name to its settings:
+    ``kind`` (sft / dpo) and the fields of :class:`StanceRun`; given, it replaces the default
+    five (full, lora, surgical_lora, selective, dpo)."""
+
+    sft_corpus: str | None = Field(
+        None, description="SFT rows: JSONL or the seed's training_corpus.json (default: shipped)"
+    )
+    pairs_corpus: str | None = Field(
+        None, description="preference pairs for dpo runs: JSONL or seed JSON (default: shipped)"
+    )
+    eval_questions: str | None = Field(
+        None,
+        description="held-out questions: JSONL or seed baseline_questions.json (default: shipped)",
+    )
+    runs: dict[str, CompareRun] = Field(
+        default_factory=_default_runs,
+        min_length=1,
+        description="run name -> {kind, method, lr, layers, ...}; replaces the default five",
+    )
+    max_steps: int = Field(24, ge=1, description="optimizer steps of every run that sets none")
+    batch_size: int = Field(4, ge=1, description="micro-batch size of every run that sets none")
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="warm-up share of every run that sets none (HF's warm-up starts at lr 0: "
+        "short runs cannot spare the steps)",
+    )
+    seed: int = Field(0, description="seed of every run that sets none")
+    max_new_tokens: int = Field(40, ge=1, description="answer length on the held-out questions")
+    gen_batch_size: int = Field(32, ge=1, description="questions per generation batch")
+    checkpoint_k: list[Annotated[int, Field(ge=1)]] = Field(
+        [8, 32],
+        description="full fine-tune: layer checkpoints of its top-k changed modules, one per k",
+    )
+    kl_prompts: int = Field(8, ge=1, description="held-out questions used for the checkpoints' KL")
+    device: str | None = Field(None, description="cuda / cpu (default: cuda when available)")
 
 
 def run_configs(config: CompareConfig, n_layers: int) -> dict[str, SFTRunConfig | DPORunConfig]:
-    """Each run's validated trainer config (errors name ``runs.<name>.<field>``)."""
+    """Each run's trainer config: its own settings over the comparison's shared ones, layers
+    defaulted and checked against the model (errors name ``runs.<name>.<field>``)."""
     middle = list(range(max(0, n_layers // 2 - 2), min(n_layers, n_layers // 2 + 2)))
     out = {}
     for name, spec in config.runs.items():
-        if not isinstance(spec, dict):
-            raise IntrospectError(f"runs.{name}: expected a mapping of settings")
-        spec = dict(spec)
-        kind = spec.pop("kind", "sft")
-        if kind not in ("sft", "dpo"):
-            raise IntrospectError(f"runs.{name}.kind: {kind!r} must be 'sft' or 'dpo'")
-        base = {
-            "max_steps": config.max_steps,
-            "batch_size": config.batch_size,
-            "warmup_ratio": config.warmup_ratio,
-            "seed": config.seed,
-        }
-        if spec.get("method") in ("surgical_lora", "selective"):
-            base["layers"] = middle
-        cls = DPORunConfig if kind == "dpo" else SFTRunConfig
+        data = {k: getattr(config, k) for k in SHARED} | spec.model_dump(exclude_unset=True)
+        if spec.method in LAYERED and spec.layers is None:
+            data["layers"] = middle
+        run = trainer_config(parse(StanceRun, data, f"runs.{name}"))
         try:
-            run = parse_config(cls, {**base, **spec})
-            run.validate(n_layers)
+            check_layers(run, n_layers)
         except IntrospectError as e:
             raise IntrospectError(f"runs.{name}.{e}") from None
         out[name] = run
@@ -121,20 +136,21 @@ def _kind(run: SFTRunConfig | DPORunConfig) -> str:
     return "dpo" if isinstance(run, DPORunConfig) else "sft"
 
 
-def _load_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _done(out: Path, settings: dict) -> dict | None:
+    """``out``'s metrics when they were made under ``settings`` (a rerun reuses them)."""
+    path = out / "metrics.json"
+    done = json.loads(path.read_text()) if path.is_file() else None
+    return done if done is not None and done.get("settings") == settings else None
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False))  # a NaN is a bug: refuse it
 
 
 def _behaviour(lm, questions, config: CompareConfig, out: Path) -> tuple[dict, list[dict]]:
     """Answers, pattern rates and correctness of one model, written under ``out``."""
     rows = behaviour.respond(lm, questions, config.max_new_tokens, config.gen_batch_size)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    atomic_write(out / "responses.jsonl", lambda tmp: Path(tmp).write_text(text))
+    corpus.write_jsonl(rows, out / "responses.jsonl")
     rated = behaviour.pattern_rows(rows)
     correct = {c: behaviour.correctness(rows, c) for c in ("factual", "syllogism")}
     summary = write_patterns(rated, out) if rated else {"rates": None}
@@ -185,13 +201,11 @@ def _weights(base, tuned, out: Path, title: str) -> tuple[dict, pd.DataFrame, di
         scale["rms_delta_cv"] = float(rms_delta.std() / rms_delta.mean())
         corr = float(np.corrcoef(np.log(df["relative"]), -np.log(rms_w))[0, 1])
         scale["corr_relative_inv_rms_w"] = corr if np.isfinite(corr) else None  # constant input
-    top = df.head(5)[["module", "relative", "stable_rank", "effective_rank"]]
+    stats = ["relative", "stable_rank", "effective_rank"]
     summary = {
         "modules_changed": len(df),
-        "top": top.to_dict("records"),
-        "median_relative": float(df["relative"].median()) if len(df) else 0.0,
-        "median_stable_rank": float(df["stable_rank"].median()) if len(df) else 0.0,
-        "median_effective_rank": float(df["effective_rank"].median()) if len(df) else 0.0,
+        "top": df.head(5)[["module", *stats]].to_dict("records"),
+        **{f"median_{s}": float(df[s].median()) if len(df) else 0.0 for s in stats},
         "layer_relative": {str(k): (d_sq[k] / w_sq[k]) ** 0.5 for k in sorted(w_sq)},
         **scale,
     }
@@ -202,15 +216,8 @@ def _checkpoints(base_lm, tuned, deltas, df, config: CompareConfig, questions, o
     """Top-k layer checkpoints of the full fine-tune: bytes and KL(full ‖ base + top-k ΔW)."""
     prompts = [q.question for q in questions[: config.kl_prompts]]
     tok = base_lm.tokenizer
-    rows = [
-        {
-            "k": 0,
-            "modules": 0,
-            "bytes": 0,
-            "has_lm_head": False,
-            "kl_to_tuned": next_token_kl(tuned, base_lm.model, tok, prompts),
-        }
-    ]
+    base_kl = next_token_kl(tuned, base_lm.model, tok, prompts)
+    rows = [{"k": 0, "modules": 0, "bytes": 0, "has_lm_head": False, "kl_to_tuned": base_kl}]
     for k in sorted(set(config.checkpoint_k)):  # a k above the module count keeps them all
         path = out / f"top{k}"
         manifest = save_layer_checkpoint(deltas, df, k, path, base_model=config.model)
@@ -230,12 +237,17 @@ def _checkpoints(base_lm, tuned, deltas, df, config: CompareConfig, questions, o
     return {"prompts": len(prompts), "rows": rows}
 
 
+def _model_settings(config: CompareConfig) -> dict:
+    # dtype only when set, so that runs made before it was a setting are still reused
+    return {"model": config.model, **({"dtype": config.dtype} if config.dtype else {})}
+
+
 def _settings(config: CompareConfig, name: str, run) -> dict:
     """What a run's results depend on (a rerun reuses them only if this is unchanged)."""
     return {
-        "model": config.model,
+        **_model_settings(config),
         "kind": _kind(run),
-        "run": asdict(run),
+        "run": run.model_dump(),
         "sft_corpus": config.sft_corpus,
         "pairs_corpus": config.pairs_corpus,
         "eval_questions": config.eval_questions,
@@ -248,10 +260,9 @@ def _settings(config: CompareConfig, name: str, run) -> dict:
 
 def _one_run(name, run, config, base_lm, base, data, questions, out: Path) -> dict:
     settings = _settings(config, name, run)
-    done = _load_json(out / "metrics.json")
-    if done is not None and done.get("settings") == settings:
+    if done := _done(out, settings):
         return done
-    lm = models.load(config.model, device=config.device)
+    lm = models.load(config.model, dtype=config.dtype, device=config.device)
     if _kind(run) == "dpo":
         result = train_dpo(lm, data["pairs"], run, out)
     else:
@@ -286,27 +297,30 @@ def _one_run(name, run, config, base_lm, base, data, questions, out: Path) -> di
 def _base(base_lm, questions, config: CompareConfig, out: Path) -> dict:
     """The base model's behaviour (reused from ``out`` when made under the same settings)."""
     settings = {
-        "model": config.model,
+        **_model_settings(config),
         "eval_questions": config.eval_questions,
         "max_new_tokens": config.max_new_tokens,
     }
-    done = _load_json(out / "metrics.json")
-    if done is not None and done.get("settings") == settings:
-        rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-        return {**done, "rows": rows}
+    if done := _done(out, settings):
+        return {**done, "rows": read_jsonl(out / "responses.jsonl")}
     result, rows = _behaviour(base_lm, questions, config, out)
     base = {"settings": settings, "behaviour": result, "criteria": _criteria(result, None)}
     _write_json(out / "metrics.json", base)
     return {**base, "rows": rows}
 
 
-def run_stance_comparison(config: dict, out_dir: str | os.PathLike) -> dict:
-    """Plan stage: train and measure every run of ``config`` (see :class:`CompareConfig`),
-    writing ``metrics.json``, ``summary.md`` and PNGs into ``out_dir``. Returns the metrics."""
+def run_stance_comparison(
+    config: CompareConfig | dict, out_dir: str | os.PathLike, *, progress: Progress | None = None
+) -> dict:
+    """Train and measure every run of ``config`` (see :class:`CompareConfig`), writing
+    ``metrics.json``, ``summary.md`` and PNGs into ``out_dir``. Returns the metrics, with
+    ``overview`` (one row per run: what ``stance compare`` shows) and ``summary_md``.
+
+    ``progress(done, total)`` is called after the base model and after each run."""
     from introspect.stance.report import write_report
 
     t0, c0 = time.perf_counter(), time.process_time()
-    cfg = parse_config(CompareConfig, config)
+    cfg = parse(CompareConfig, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_layers, _ = models.dims(cfg.model)
@@ -317,11 +331,15 @@ def run_stance_comparison(config: dict, out_dir: str | os.PathLike) -> dict:
     }
     questions = corpus.read_eval_questions(cfg.eval_questions or corpus.shipped("eval"))
 
-    base_lm = models.load(cfg.model, device=cfg.device)
+    total = 1 + len(runs)
+    base_lm = models.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     base = _base(base_lm, questions, cfg, out / "base")
+    report = progress or (lambda done, total: None)
+    report(1, total)
     results = {}
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items(), 2):
         results[name] = _one_run(name, run, cfg, base_lm, base, data, questions, out / name)
+        report(i, total)
     metrics = {
         "model": cfg.model,
         "n_layers": n_layers,
@@ -332,9 +350,35 @@ def run_stance_comparison(config: dict, out_dir: str | os.PathLike) -> dict:
         },
         "base": {k: v for k, v in base.items() if k != "rows"},
         "runs": results,
+        "overview": overview(results),
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
+        "summary_md": str(out / "summary.md"),
     }
     write_report(metrics, cfg, out)
     _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def overview(runs: dict[str, dict]) -> list[dict]:
+    """One row per run: trainable parameters, training seconds, final loss, and the share of
+    held-out answers with any performative / pragmatic pattern (None without classified
+    answers)."""
+    rows = []
+    for name, r in runs.items():
+        overall = (r["behaviour"]["rates"] or {}).get("overall", {})
+        rows.append(
+            {
+                "run": name,
+                "trainable_params": r["trainable_params"],
+                "train_seconds": r["train_seconds"],
+                "final_loss": r["stability"]["final"],
+                **{k: overall[k]["rate"] if k in overall else None for k in ANY_KEYS},
+            }
+        )
+    return rows
+
+
+def summary_line(metrics: dict) -> str:
+    """``12.3 min → out/summary.md``"""
+    return f"{metrics['seconds'] / 60:.1f} min → {metrics['summary_md']}"

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from introspect.errors import IntrospectError
+from introspect.io import atomic_write
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "stance"
 SHIPPED = {"sft": "sft.jsonl", "pairs": "pairs.jsonl", "eval": "eval.jsonl"}
@@ -82,7 +82,10 @@ def _text(obj: Mapping, key: str, where: str) -> str:
     return value.strip()
 
 
-def _only(obj: Mapping, keys: Iterable[str], where: str) -> None:
+def _only(obj: Any, keys: Iterable[str], where: str) -> None:
+    """``obj`` must be a JSON object with no keys beyond ``keys`` and ``_OPTIONAL``."""
+    if not isinstance(obj, Mapping):
+        raise IntrospectError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(keys) - set(_OPTIONAL))
     if unknown:
         raise IntrospectError(
@@ -109,8 +112,6 @@ def _expect(obj: Mapping, where: str) -> tuple[str, ...]:
 
 def sft_row(obj: Any, where: str) -> SFTRow:
     """Validate one SFT object (``where`` prefixes any error)."""
-    if not isinstance(obj, Mapping):
-        raise IntrospectError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     keys = ("question", "answer", "category")
     _only(obj, keys, where)
     return SFTRow(*(_text(obj, k, where) for k in keys))
@@ -118,8 +119,6 @@ def sft_row(obj: Any, where: str) -> SFTRow:
 
 def preference_pair(obj: Any, where: str) -> PreferencePair:
     """Validate one preference-pair object; chosen and rejected must differ."""
-    if not isinstance(obj, Mapping):
-        raise IntrospectError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     keys = ("question", "chosen", "rejected", "category")
     _only(obj, keys, where)
     pair = PreferencePair(*(_text(obj, k, where) for k in keys))
@@ -130,8 +129,6 @@ def preference_pair(obj: Any, where: str) -> PreferencePair:
 
 def eval_question(obj: Any, where: str) -> EvalQuestion:
     """Validate one evaluation-question object."""
-    if not isinstance(obj, Mapping):
-        raise IntrospectError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     _only(obj, ("question", "category", "expect"), where)
     return EvalQuestion(
         _text(obj, "question", where), _text(obj, "category", where), _expect(obj, where)
@@ -141,19 +138,19 @@ def eval_question(obj: Any, where: str) -> EvalQuestion:
 # --------------------------------------------------------------------------- reading
 
 
-def _jsonl(path: Path) -> list[tuple[str, Any]]:
-    """``(where, object)`` per non-blank line."""
-    out = []
+def jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, object)`` per non-blank line of a JSONL file, read as iterated (``where``: the
+    file and line)."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             where = f"{path}: line {lineno}"
             try:
-                out.append((where, json.loads(line)))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise IntrospectError(f"{where}: not valid JSON ({e.msg})") from None
-    return out
+            yield where, obj
 
 
 def _json(path: Path) -> Any:
@@ -196,7 +193,7 @@ def _objects(path: str | os.PathLike) -> tuple[Path, list[tuple[str, Any]] | Any
         raise IntrospectError(f"corpus: {path} does not exist or is not a file")
     if path.suffix == ".json":
         return path, _json(path)
-    return path, _jsonl(path)
+    return path, list(jsonl_objects(path))
 
 
 def _nonempty(rows: list, path: Path) -> list:
@@ -209,12 +206,9 @@ def read_sft(path: str | os.PathLike) -> list[SFTRow]:
     """SFT rows from JSONL, or the good responses of a seed ``training_corpus.json``."""
     path, objs = _objects(path)
     if path.suffix == ".json":
+        pairs = _reference_pairs(path, objs)
         return _nonempty(
-            [
-                SFTRow(o["question"], o["chosen"], o["category"])
-                for _, o in _reference_pairs(path, objs)
-            ],
-            path,
+            [SFTRow(o["question"], o["chosen"], o["category"]) for _, o in pairs], path
         )
     return _nonempty([sft_row(o, w) for w, o in objs], path)
 
@@ -250,9 +244,7 @@ def read_eval_questions(path: str | os.PathLike) -> list[EvalQuestion]:
 def write_jsonl(
     rows: Iterable[SFTRow | PreferencePair | EvalQuestion | Mapping], path: str | os.PathLike
 ) -> Path:
-    """Write rows as JSONL, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows as JSONL (UTF-8, non-ASCII kept as is), atomically."""
     lines = []
     for row in rows:
         obj = dict(row) if isinstance(row, Mapping) else asdict(row)
@@ -261,15 +253,8 @@ def write_jsonl(
             if not obj["expect"]:
                 del obj["expect"]
         lines.append(json.dumps(obj, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = "".join(line + "\n" for line in lines)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- chat form

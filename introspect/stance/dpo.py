@@ -7,6 +7,8 @@ chat template and scores only the answer tokens. The loss is the sigmoid DPO los
 
 with log π summed over the answer tokens. The reference π_ref is the base model with the adapter
 disabled for the LoRA methods, and a frozen copy of the starting model for full / selective.
+
+TRL is imported when a trainer is built, not with this module: the config stays cheap to import.
 """
 
 from __future__ import annotations
@@ -14,42 +16,36 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from datasets import Dataset
-from trl import DPOConfig, DPOTrainer
+from pydantic import model_validator
 
 from introspect.errors import IntrospectError
 from introspect.models import LoadedModel
 from introspect.stance.corpus import PreferencePair, pair_messages
 from introspect.stance.tuning import (
-    GuardMixin,
+    DPOSettings,
+    Progress,
     TuneConfig,
     TuneResult,
+    check_layers,
+    dpo_defaults,
+    guarded,
     lora_config,
     prepare,
-    run_trainer,
-    snapshot_trainable,
+    train_with,
     trl_args,
 )
 
 
-@dataclass
-class DPORunConfig(TuneConfig):
-    """DPO run: :class:`TuneConfig` plus β (larger keeps the policy closer to the reference)."""
+class DPORunConfig(DPOSettings, TuneConfig):  # this order lists beta last
+    """DPO run: :class:`TuneConfig` plus β; ``lr`` defaults to ``tuning.DPO_LR``."""
 
-    beta: float = 0.1
-    lr: float = 5e-5
-
-    def validate(self, n_layers: int | None = None) -> None:
-        super().validate(n_layers)
-        if not self.beta > 0:
-            raise IntrospectError(f"beta: {self.beta} must be > 0")
-
-
-class GuardedDPOTrainer(GuardMixin, DPOTrainer):
-    """DPOTrainer that stops on a non-finite loss."""
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_lr(cls, data: Any) -> Any:
+        return dpo_defaults(data)
 
 
 def build_dpo_trainer(
@@ -57,11 +53,14 @@ def build_dpo_trainer(
     pairs: Sequence[PreferencePair],
     config: DPORunConfig,
     out_dir: str | os.PathLike,
-) -> GuardedDPOTrainer:
+):
     """Prepare ``lm.model`` for ``config.method`` (in place) and wrap it in a trainer."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
     if not pairs:
         raise IntrospectError("pairs: the preference corpus is empty")
-    config.validate(lm.n_layers)
+    check_layers(config, lm.n_layers)
     # The frozen reference is copied before any adapter or unfreezing touches the model.
     # LoRA: TRL wraps the model itself and, given no reference, scores the reference with the
     # adapter disabled. (Handing it an already wrapped model makes it copy the fresh adapter into
@@ -71,7 +70,7 @@ def build_dpo_trainer(
     model = prepare(lm, config, wrap_lora=False)
     args = trl_args(DPOConfig, config, Path(out_dir), beta=config.beta, loss_type=["sigmoid"])
     dataset = Dataset.from_list([pair_messages(p) for p in pairs])
-    return GuardedDPOTrainer(
+    return guarded(DPOTrainer)(
         model=model,
         ref_model=ref,
         args=args,
@@ -86,11 +85,7 @@ def train_dpo(
     pairs: Sequence[PreferencePair],
     config: DPORunConfig,
     out_dir: str | os.PathLike,
+    progress: Progress | None = None,
 ) -> TuneResult:
-    """Optimise ``lm`` (in place) on ``pairs``; write the artifact, ``log.jsonl`` and
-    ``result.json`` into ``out_dir``. Raises ``TrainingDiverged`` on a non-finite loss/gradient."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = build_dpo_trainer(lm, pairs, config, out)
-    snapshot = snapshot_trainable(trainer.model, config)
-    return run_trainer(trainer, lm, config, out, "dpo", snapshot)
+    """Optimise ``lm`` (in place) on ``pairs``, as :func:`introspect.stance.tuning.train_with`."""
+    return train_with(build_dpo_trainer, lm, pairs, config, out_dir, "dpo", progress)

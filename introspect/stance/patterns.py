@@ -39,6 +39,9 @@ Epistemic pragmatism (the stance the training tries to add):
 These are surface patterns: they find the phrases, not whether the move is apt (a hedge on
 "what is 15% of 200?" is still counted as a boundary). ``tests/data/stance_labelled.jsonl`` is a
 hand-labelled set the lists are checked against. Pure Python plus matplotlib for the plot.
+
+:func:`run_stance_patterns` (config :class:`StancePatternsConfig`) is ``stance patterns``: the
+rates of a JSONL file of responses, written as ``patterns.json`` and ``patterns.png``.
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from introspect.config import Config, parse
 from introspect.errors import IntrospectError
+from introspect.io import write_text
 from introspect.metrics import wilson_interval
+from introspect.stance.corpus import jsonl_objects
 
 # Building blocks. Every pattern below starts with \b; those ending in a word character end
 # with \b too (a trailing \b after punctuation would demand a following letter).
@@ -325,9 +332,10 @@ def classify(response: str) -> dict[str, bool]:
     return {cat: rx.search(text) is not None for cat, rx in _COMPILED.items()}
 
 
-def _rate(count: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_interval(count, n)
-    return {"rate": count / n, "count": count, "ci": [lo, hi]}
+def _rate(successes: int, n: int) -> dict[str, Any]:
+    """The lab's one rate shape (as ``introspect.evals.common.rate``), for n >= 1."""
+    lo, hi = wilson_interval(successes, n)
+    return {"rate": successes / n, "successes": successes, "n": n, "ci": [lo, hi]}
 
 
 def _any(flags: dict[str, bool]) -> tuple[bool, bool]:
@@ -363,7 +371,7 @@ def pattern_rates(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ``question`` are optional. Returns a JSON-ready dict::
 
         {"n": N,
-         "overall": {cat: {"rate", "count", "ci": [lo, hi]}, ...,
+         "overall": {cat: {"rate", "successes", "n", "ci": [lo, hi]}, ...,
                      "performative_any": {...}, "pragmatic_any": {...}},
          "by_category": {question_category: {"n", "rates": {cat: {...}},
                                              "performative_any": {...},
@@ -426,7 +434,13 @@ def _overall_rate(rates: Mapping[str, Any], key: str) -> float | None:
     return _fraction(block, "rate", f"success_criteria: rates['overall']['{key}']")
 
 
-def _row(criterion: str, value: float | None, threshold: float | None, passed: bool | None):
+def _row(criterion: str, value: float | None, threshold: float | None, at_most: bool = False):
+    """A criterion met when ``value`` is at least (``at_most``: at most) ``threshold``; not
+    judged (None) without both."""
+    if value is None or threshold is None:
+        passed = None
+    else:
+        passed = value <= threshold + _EPS if at_most else value >= threshold - _EPS
     return {"criterion": criterion, "value": value, "threshold": threshold, "passed": passed}
 
 
@@ -485,44 +499,22 @@ def success_criteria(
         total_n += block["n"]
         total_hits += (rate or 0.0) * block["n"]
     value = total_hits / total_n if total_n else None
-    rows.append(
-        _row(
-            "self-property questions: pragmatic_any rate >= 0.30",
-            value,
-            0.30,
-            None if value is None else value >= 0.30 - _EPS,
-        )
-    )
+    rows.append(_row("self-property questions: pragmatic_any rate >= 0.30", value, 0.30))
 
     # 2-3. performative ceilings, overall
     for key, limit in (("performative_any", 0.10), ("ai_disclaimer", 0.05)):
         value = _overall_rate(rates, key)
-        rows.append(
-            _row(
-                f"all questions: {key} rate <= {limit:.2f}",
-                value,
-                limit,
-                None if value is None else value <= limit + _EPS,
-            )
-        )
+        rows.append(_row(f"all questions: {key} rate <= {limit:.2f}", value, limit, at_most=True))
 
     # 4. syllogisms
     value = _fraction(correctness, "syllogism", "success_criteria: correctness")
-    rows.append(
-        _row(
-            "syllogisms: fraction correct = 1.00",
-            value,
-            1.0,
-            None if value is None else value >= 1.0 - _EPS,
-        )
-    )
+    rows.append(_row("syllogisms: fraction correct = 1.00", value, 1.0))
 
     # 5. factual confidence kept
     before = _fraction(correctness, "factual_before", "success_criteria: correctness")
     after = _fraction(correctness, "factual_after", "success_criteria: correctness")
     threshold = None if before is None else before - 0.05
-    passed = None if before is None or after is None else after >= threshold - _EPS
-    rows.append(_row("factual questions: correct after >= before - 0.05", after, threshold, passed))
+    rows.append(_row("factual questions: correct after >= before - 0.05", after, threshold))
     return rows
 
 
@@ -536,32 +528,13 @@ def read_responses(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise IntrospectError(f"read_responses: {path} does not exist or is not a file")
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise IntrospectError(f"{where}: not valid JSON ({e.msg})") from None
-            _check_row(row, where)
-            rows.append(row)
+    rows = []
+    for where, row in jsonl_objects(path):
+        _check_row(row, where)
+        rows.append(row)
     if not rows:
         raise IntrospectError(f"read_responses: {path} has no responses")
     return rows
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_rates(rates: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -569,10 +542,7 @@ def plot_rates(rates: Mapping[str, Any], path: str | os.PathLike) -> None:
 
     Performative categories on the left, pragmatic on the right, then the two "any" bars.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from introspect.evals.common import figure, rate_bars
 
     overall = rates["overall"]
     groups = [
@@ -580,27 +550,23 @@ def plot_rates(rates: Mapping[str, Any], path: str | os.PathLike) -> None:
         ("pragmatic", PRAGMATIC, "tab:blue"),
         ("any", ANY_KEYS, "tab:gray"),
     ]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    x0, ticks, labels = 0, [], []
-    for label, cats, colour in groups:
-        xs = [x0 + i for i in range(len(cats))]
-        vals = [overall[c]["rate"] for c in cats]
-        err = [
-            [max(v - overall[c]["ci"][0], 0.0) for c, v in zip(cats, vals, strict=True)],
-            [max(overall[c]["ci"][1] - v, 0.0) for c, v in zip(cats, vals, strict=True)],
-        ]
-        ax.bar(xs, vals, color=colour, alpha=0.8, label=label, yerr=err, capsize=3)
-        ticks += xs
-        labels += [c.replace("_", " ") for c in cats]
-        x0 += len(cats) + 1
-    ax.set_xticks(ticks, labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of responses")
-    ax.set_title(f"Epistemic-stance patterns, n = {rates['n']} responses (95% Wilson intervals)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    with figure(path, figsize=(11, 4.8)) as (fig, ax):
+        x0, ticks, labels = 0, [], []
+        for label, cats, colour in groups:
+            xs = [x0 + i for i in range(len(cats))]
+            rate_bars(
+                ax, xs, [overall[c] for c in cats], color=colour, alpha=0.8, label=label, capsize=3
+            )
+            ticks += xs
+            labels += [c.replace("_", " ") for c in cats]
+            x0 += len(cats) + 1
+        ax.set_xticks(ticks, labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of responses")
+        ax.set_title(
+            f"Epistemic-stance patterns, n = {rates['n']} responses (95% Wilson intervals)"
+        )
+        ax.legend(fontsize=8)
 
 
 def write_patterns(
@@ -608,31 +574,58 @@ def write_patterns(
     out_dir: str | os.PathLike,
     correctness: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``patterns.json`` ({"rates", "criteria"}) and ``patterns.png`` into ``out_dir``.
-
-    Both files are written to a temporary name and renamed into place. Returns the dict that
-    went into ``patterns.json``.
-    """
+    """Write ``patterns.json`` ({"rates", "criteria"}, returned) and ``patterns.png`` into
+    ``out_dir``, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rates = pattern_rates(rows)
     summary = {"rates": rates, "criteria": success_criteria(rates, correctness)}
-    text = json.dumps(summary, indent=2, allow_nan=False)
-    _atomic_write(out / "patterns.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(out / "patterns.json", json.dumps(summary, indent=2, allow_nan=False))
     plot_rates(rates, out / "patterns.png")
     return summary
+
+
+class StancePatternsConfig(Config):
+    """``stance patterns``: stance pattern rates of a file of responses."""
+
+    responses: str = Field(
+        description="JSONL file, one object a line: 'response' (a non-empty string) and "
+        "optionally 'category' (the question category) and 'question'"
+    )
+
+
+def run_stance_patterns(config: StancePatternsConfig | dict, out_dir: str | os.PathLike) -> dict:
+    """Pattern rates per question category with Wilson intervals, and the seed's criteria:
+    ``patterns.json`` + ``patterns.png`` in ``out_dir``. Returns what ``patterns.json`` holds
+    plus ``n`` (responses) and ``patterns_json`` (its path)."""
+    cfg = parse(StancePatternsConfig, config)
+    rows = read_responses(cfg.responses)
+    summary = write_patterns(rows, out_dir)
+    return {"n": len(rows), **summary, "patterns_json": str(Path(out_dir) / "patterns.json")}
+
+
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    """``12 responses: performative 25.0%, pragmatic 41.7% → out/patterns.json``"""
+    overall = metrics["rates"]["overall"]
+    return (
+        f"{metrics['n']} responses: performative {overall['performative_any']['rate']:.1%}, "
+        f"pragmatic {overall['pragmatic_any']['rate']:.1%} → {metrics['patterns_json']}"
+    )
 
 
 __all__ = [
     "CATEGORIES",
     "PERFORMATIVE",
     "PRAGMATIC",
+    "StancePatternsConfig",
     "classify",
     "is_self_category",
     "normalise",
     "pattern_rates",
     "plot_rates",
     "read_responses",
+    "run_stance_patterns",
     "success_criteria",
+    "summary_line",
     "write_patterns",
 ]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from introspect.evals.common import atomic_write, markdown_table
+from introspect.evals.common import figure, rate_bars
+from introspect.io import markdown_table, read_jsonl, write_text
 from introspect.plots import heatmap
 from introspect.stance.patterns import is_self_category
 
@@ -20,11 +20,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _hits(block: dict) -> int:
+    """A rate block's successes (runs reused from before the shared rate shape say ``count``)."""
+    return block["successes"] if "successes" in block else block["count"]
+
+
 def _rate(block: dict | None) -> str:
     if not block:
         return "n/a"
     lo, hi = block["ci"]
-    return f"{block['rate']:.2f} [{lo:.2f}, {hi:.2f}] ({block['count']})"
+    return f"{block['rate']:.2f} [{lo:.2f}, {hi:.2f}] ({_hits(block)})"
 
 
 def _frac(x: float | None) -> str:
@@ -39,7 +44,7 @@ def _self_pragmatic(rates: dict | None) -> str:
     n = sum(b["n"] for b in blocks)
     if not n:
         return "n/a"
-    hits = sum(b["pragmatic_any"]["count"] for b in blocks)
+    hits = sum(_hits(b["pragmatic_any"]) for b in blocks)
     return f"{hits / n:.2f} ({hits}/{n})"
 
 
@@ -52,64 +57,46 @@ def _models(metrics: dict) -> list[tuple[str, dict]]:
 
 def plot_losses(metrics: dict, path: Path) -> None:
     """Per-step training loss: SFT runs (token cross-entropy) and DPO runs (pair loss) apart."""
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     runs = metrics["runs"]
     kinds = [k for k in ("sft", "dpo") if any(r["kind"] == k for r in runs.values())]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for name, r in runs.items():
-            if r["kind"] == kind:
-                steps = [x["step"] for x in r["log"]]
-                ax.plot(steps, [x["loss"] for x in r["log"]], marker=".", label=name)
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("token cross-entropy" if kind == "sft" else "DPO loss")
-        if kind == "dpo":
-            ax.axhline(np.log(2), ls=":", c="grey", lw=1, label="log 2 (no preference)")
-        ax.set_title(f"{kind.upper()} training loss", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    size = (6 * len(kinds), 4)
+    with figure(path, 1, len(kinds), figsize=size, squeeze=False, dpi=110) as (fig, axes):
+        for ax, kind in zip(axes[0], kinds, strict=True):
+            for name, r in runs.items():
+                if r["kind"] == kind:
+                    steps = [x["step"] for x in r["log"]]
+                    ax.plot(steps, [x["loss"] for x in r["log"]], marker=".", label=name)
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("token cross-entropy" if kind == "sft" else "DPO loss")
+            if kind == "dpo":
+                ax.axhline(np.log(2), ls=":", c="grey", lw=1, label="log 2 (no preference)")
+            ax.set_title(f"{kind.upper()} training loss", fontsize=10)
+            ax.legend(fontsize=8)
 
 
 def plot_patterns(metrics: dict, path: Path) -> None:
     """Share of answers with any performative / any pragmatic pattern, per model, 95 % CIs."""
-    import matplotlib.pyplot as plt
 
     models = [(n, m) for n, m in _models(metrics) if m["behaviour"]["rates"]]
-    fig, ax = plt.subplots(figsize=(1.3 * len(models) + 3, 4))
-    width = 0.38
-    for j, (key, colour) in enumerate(
-        (("performative_any", "tab:red"), ("pragmatic_any", "tab:blue"))
-    ):
-        xs = np.arange(len(models)) + (j - 0.5) * width
-        blocks = [m["behaviour"]["rates"]["overall"][key] for _, m in models]
-        vals = np.array([b["rate"] for b in blocks])
-        err = np.array(
-            [[v - b["ci"][0], b["ci"][1] - v] for v, b in zip(vals, blocks, strict=True)]
+    with figure(path, figsize=(1.3 * len(models) + 3, 4), dpi=110) as (fig, ax):
+        width = 0.38
+        groups = (("performative_any", "tab:red"), ("pragmatic_any", "tab:blue"))
+        for j, (key, colour) in enumerate(groups):
+            xs = np.arange(len(models)) + (j - 0.5) * width
+            blocks = [m["behaviour"]["rates"]["overall"][key] for _, m in models]
+            style = {"capsize": 3, "color": colour, "alpha": 0.8, "label": key.replace("_", " ")}
+            rate_bars(ax, xs, blocks, width, **style)
+        ax.set_xticks(range(len(models)), [n for n, _ in models], rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of answers")
+        n = models[0][1]["behaviour"]["n"] if models else 0
+        ax.set_title(
+            f"Stance patterns on {n} held-out questions (95% Wilson intervals)", fontsize=10
         )
-        ax.bar(
-            xs,
-            vals,
-            width,
-            yerr=err.T.clip(min=0),
-            capsize=3,
-            color=colour,
-            alpha=0.8,
-            label=key.replace("_", " "),
-        )
-    ax.set_xticks(range(len(models)), [n for n, _ in models], rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of answers")
-    n = models[0][1]["behaviour"]["n"] if models else 0
-    ax.set_title(f"Stance patterns on {n} held-out questions (95% Wilson intervals)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+        ax.legend(fontsize=8)
 
 
 def plot_layer_changes(metrics: dict, path: Path) -> None:
@@ -176,7 +163,7 @@ def _example(metrics: dict, out: Path) -> str:
         path = out / name / "responses.jsonl"
         if not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        rows = read_jsonl(path)
         pick = next((r for r in rows if is_self_category(r["category"])), rows[0] if rows else None)
         if pick is not None:
             answers[name] = pick
@@ -293,7 +280,7 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
     ]
     parts.append(_checkpoint_section(runs))
     text = "\n".join(p for p in parts if p)
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    write_text(out / "summary.md", text)
 
 
 def _checkpoint_section(runs: dict) -> str:

@@ -23,73 +23,129 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
+from introspect.config import Config
 from introspect.errors import IntrospectError
+from introspect.io import write_json, write_jsonl
 from introspect.models import LoadedModel, causal_lm, decoder_layers
 from introspect.train import TrainingDiverged
 
-METHODS = ("full", "lora", "surgical_lora", "selective")
+Method = Literal["full", "lora", "surgical_lora", "selective"]
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYERED = ("surgical_lora", "selective")  # the methods that take ``layers``
+DPO_LR = 5e-5  # DPO runs' default learning rate (TuneConfig.lr's default is SFT's)
 META = "meta.json"
 logger = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
 
 
-@dataclass
-class TuneConfig:
-    """Which weights train and how. SFT and DPO runs extend it."""
+def _misfit(method: str, field: str, value, layers_defaulted: bool) -> str | None:
+    """What is wrong with ``layers`` or ``modules`` (``field``) for ``method``, if anything."""
+    if field == "modules":
+        if method != "full" and not value:
+            return "name at least one linear module (e.g. q_proj)"
+    elif method in LAYERED and not value and not (layers_defaulted and value is None):
+        return f"method {method!r} needs a list of decoder layers"
+    elif method not in LAYERED and value is not None:
+        return f"only surgical_lora and selective take layers, not {method!r}"
+    return None
 
-    method: str = "lora"
-    layers: list[int] | None = None  # surgical_lora / selective: the decoder layers to touch
-    modules: list[str] = field(default_factory=lambda: list(ALL_MODULES))
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lr: float = 2e-4
-    max_steps: int = 20
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    seed: int = 0
 
-    def validate(self, n_layers: int | None = None) -> None:
-        if self.method not in METHODS:
-            raise IntrospectError(f"method: {self.method!r} must be one of {', '.join(METHODS)}")
-        needs_layers = self.method in ("surgical_lora", "selective")
-        if needs_layers and not self.layers:
-            raise IntrospectError(f"layers: method {self.method!r} needs a list of decoder layers")
-        if not needs_layers and self.layers is not None:
-            raise IntrospectError(
-                f"layers: only surgical_lora and selective take layers, not {self.method!r}"
-            )
-        if self.layers is not None:
-            bad = [i for i in self.layers if i < 0 or (n_layers is not None and i >= n_layers)]
-            if bad:
-                raise IntrospectError(f"layers: {bad[0]} is out of range [0, {n_layers})")
-        if self.method != "full" and not self.modules:
-            raise IntrospectError("modules: name at least one linear module (e.g. q_proj)")
-        for name in ("lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise IntrospectError(f"{name}: {getattr(self, name)} must be >= 1")
-        if not self.lr > 0:
-            raise IntrospectError(f"lr: {self.lr} must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise IntrospectError(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
-        if not 0 <= self.lora_dropout < 1:
-            raise IntrospectError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
-        if not self.max_grad_norm > 0:
-            raise IntrospectError(f"max_grad_norm: {self.max_grad_norm} must be > 0")
+class TuneConfig(Config):
+    """Which weights train and how. SFT and DPO runs extend it.
+
+    Layer indices are checked against the model only when it is known: :func:`check_layers`."""
+
+    # A subclass whose caller fills in ``layers`` later (the comparison: the middle four) sets
+    # this, so surgical_lora / selective may leave ``layers`` unset.
+    LAYERS_DEFAULTED: ClassVar[bool] = False
+
+    method: Method = Field(
+        "lora",
+        description="which weights train: full (every parameter), lora (LoRA on `modules` in "
+        "every layer), surgical_lora (LoRA on `modules` in `layers` only), selective (no "
+        "adapter: unfreeze `modules` in `layers`)",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        validate_default=True,
+        description="decoder layers to touch, e.g. [13, 14] (surgical_lora and selective only)",
+    )
+    modules: list[str] = Field(
+        list(ALL_MODULES),
+        description="linear module kinds to adapt or unfreeze, e.g. [q_proj, v_proj] (full: "
+        "ignored)",
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lr: float = Field(
+        2e-4, gt=0, description=f"peak learning rate (DPO runs default to {DPO_LR:g})"
+    )
+    max_steps: int = Field(20, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="examples (DPO: pairs) per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="share of the steps spent warming the learning rate up"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    max_length: int = Field(512, ge=1, description="tokens per example (longer ones are cut)")
+    seed: int = Field(0, description="seed of the data order and of LoRA's initial weights")
+
+    @field_validator("method", "layers", "modules")
+    @classmethod
+    def _fit_method(cls, value, info: ValidationInfo):
+        """``layers`` and ``modules`` must suit ``method``: checked as each is validated (the
+        fields before it are known then) and when ``method`` is assigned later; an error names
+        the field at fault."""
+        data = {**info.data, info.field_name: value}
+        if "method" not in data:  # the method itself was refused
+            return value
+        for field in [f for f in ("layers", "modules") if f in data]:
+            problem = _misfit(data["method"], field, data[field], cls.LAYERS_DEFAULTED)
+            if problem:
+                raise ValueError(problem if field == info.field_name else f"{field}: {problem}")
+        return value
 
     @property
     def warmup_steps(self) -> int:
         return round(self.warmup_ratio * self.max_steps)
+
+
+class DPOSettings(Config):
+    """What a DPO run adds to :class:`TuneConfig` (its one definition, shared by every config
+    that can describe a DPO run)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="DPO β: larger keeps the policy closer to the reference model"
+    )
+
+
+def dpo_defaults(data: Any) -> Any:
+    """A DPO run's raw settings with DPO's default learning rate where none is given."""
+    if isinstance(data, dict) and "lr" not in data:
+        return {**data, "lr": DPO_LR}
+    return data
+
+
+def check_layers(config: TuneConfig, n_layers: int) -> None:
+    """``layers`` against the model's decoder layers (the one check that needs the model)."""
+    bad = [i for i in config.layers or [] if i >= n_layers]
+    if bad:
+        raise IntrospectError(
+            f"layers: {bad[0]} is out of range [0, {n_layers}) for a model of {n_layers} "
+            "decoder layers"
+        )
 
 
 # --------------------------------------------------------------------------- trainable weights
@@ -116,7 +172,7 @@ def prepare(lm: LoadedModel, config: TuneConfig, wrap_lora: bool = True) -> nn.M
     With ``wrap_lora=False`` a LoRA method leaves the model unwrapped, for a trainer that is
     given :func:`lora_config` and wraps it itself.
     """
-    config.validate(lm.n_layers)
+    check_layers(config, lm.n_layers)
     model = lm.model
     if config.method != "full":  # every named module kind must exist in the chosen layers
         selected_modules(model, config.layers or list(range(lm.n_layers)), config.modules)
@@ -212,6 +268,12 @@ class GuardMixin:
         return loss
 
 
+@cache
+def guarded(trainer_class: type) -> type:
+    """``trainer_class`` (TRL's SFTTrainer or DPOTrainer) with :class:`GuardMixin`."""
+    return type(f"Guarded{trainer_class.__name__}", (GuardMixin, trainer_class), {})
+
+
 def gradient_guard():
     """A callback that stops on a non-finite gradient, before the optimizer applies it."""
     from transformers import TrainerCallback
@@ -226,6 +288,17 @@ def gradient_guard():
                     )
 
     return GradientGuard()
+
+
+def progress_callback(progress: Progress):
+    """A callback reporting ``progress(step, max_steps)`` after each optimizer step."""
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress(state.global_step, state.max_steps)
+
+    return ReportProgress()
 
 
 # --------------------------------------------------------------------------- results
@@ -245,12 +318,8 @@ class TuneResult:
     artifact_dir: str
     artifact_bytes: int
 
-    @property
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.log]
-
     def stability(self, factor: float = 1.5) -> dict:
-        return loss_stability(self.losses, factor)
+        return loss_stability([r["loss"] for r in self.log], factor)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "stability": self.stability()}
@@ -289,6 +358,26 @@ def step_log(history: list[dict]) -> list[dict]:
     return out
 
 
+def train_with(
+    build,
+    lm: LoadedModel,
+    data,
+    config: TuneConfig,
+    out_dir: str | os.PathLike,
+    kind: str,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Train ``lm`` (in place) on ``data`` with the trainer ``build(lm, data, config, out_dir)``
+    makes; write the artifact, ``log.jsonl`` and ``result.json`` into ``out_dir``. Raises
+    ``TrainingDiverged`` on a non-finite loss/gradient. ``progress(step, max_steps)`` is called
+    after each optimizer step."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = build(lm, data, config, out)
+    snapshot = snapshot_trainable(trainer.model, config)
+    return run_trainer(trainer, lm, config, out, kind, snapshot, progress)
+
+
 def run_trainer(
     trainer,
     lm: LoadedModel,
@@ -296,21 +385,20 @@ def run_trainer(
     out_dir: Path,
     kind: str,
     snapshot: dict[str, torch.Tensor] | None,
+    progress: Progress | None = None,
 ) -> TuneResult:
-    """Train, then save the artifact and ``result.json`` / ``log.jsonl`` into ``out_dir``."""
+    """Train, then save the artifact and ``result.json`` / ``log.jsonl`` into ``out_dir``
+    (``progress`` as in :func:`train_with`)."""
     from transformers import PrinterCallback
 
     model = trainer.model
     trainable, total = parameter_counts(model)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; log.jsonl has them
     trainer.add_callback(gradient_guard())
-    logger.info(
-        "%s %s: %d optimizer steps, %d trainable parameters",
-        kind,
-        config.method,
-        config.max_steps,
-        trainable,
-    )
+    if progress is not None:
+        trainer.add_callback(progress_callback(progress))
+    run = f"{kind} {config.method}"
+    logger.info("%s: %d optimizer steps, %d trainable parameters", run, config.max_steps, trainable)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     # CPU time of all threads: comparable between runs on a shared machine, wall time is not.
@@ -321,14 +409,7 @@ def run_trainer(
     art = out_dir / "artifact"
     size = save_artifact(lm, config, art, kind, snapshot)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # TRL's empty output_dir
-    logger.info(
-        "%s %s: trained in %.0f s (%.0f CPU s), artifact %d bytes",
-        kind,
-        config.method,
-        seconds,
-        cpu,
-        size,
-    )
+    logger.info("%s: trained in %.0f s (%.0f CPU s), artifact %d bytes", run, seconds, cpu, size)
     result = TuneResult(
         method=config.method,
         steps=trainer.state.global_step,
@@ -340,10 +421,9 @@ def run_trainer(
         artifact_dir=str(art),
         artifact_bytes=size,
     )
-    _write(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
-    _write(
-        out_dir / "result.json",
-        json.dumps({"kind": kind, "config": asdict(config), **result.to_dict()}, indent=2),
+    write_jsonl(out_dir / "log.jsonl", log)
+    write_json(
+        out_dir / "result.json", {"kind": kind, "config": config.model_dump(), **result.to_dict()}
     )
     return result
 
@@ -371,13 +451,8 @@ def save_artifact(
 
     from introspect.stance.layer_checkpoints import save_layer_checkpoint
 
-    meta = {
-        "kind": kind,
-        "method": config.method,
-        "base_model": lm.name,
-        "layers": config.layers,
-        "modules": config.modules,
-    }
+    meta = {"kind": kind, "method": config.method, "base_model": lm.name}
+    meta |= config.model_dump(include={"layers", "modules"})
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     if config.method == "selective":
@@ -424,9 +499,3 @@ def load_tuned(
         apply_layer_checkpoints(lm.model, [(path, 1.0)])
         return lm
     return models.load(base, device=device, adapter=path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

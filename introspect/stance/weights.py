@@ -8,6 +8,9 @@ alpha of W, which says nothing directly about how much W moved.
 A PEFT LoRA model is read without merging: per LoRA module the delta is
 ``scaling · B @ A`` of the active adapter(s), reported under the base model's module name
 (``model.layers.3.self_attn.q_proj``), so it equals what ``merge_and_unload`` would add.
+
+:func:`run_stance_weights` (config :class:`StanceWeightsConfig`) is ``stance weights``: the
+analysis of a ``stance train`` artifact against its base model.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 
+from introspect.config import Config, parse
 from introspect.errors import IntrospectError
+from introspect.io import atomic_write
 from introspect.models import causal_lm
 
 STAT_COLUMNS = (
@@ -228,11 +233,8 @@ def analyse_deltas(deltas: dict[str, torch.Tensor], base: nn.Module) -> pd.DataF
 
 
 def analyse(base: nn.Module, tuned: nn.Module, include_zero: bool = False) -> pd.DataFrame:
-    """Per-module weight changes from ``base`` to ``tuned`` (either may be a PEFT model), ranked.
-
-    Columns: ``rank``, ``module``, ``layer``, ``kind``, ``shape``, ``params`` and
-    :data:`STAT_COLUMNS`; sorted by ``relative`` descending.
-    """
+    """Per-module weight changes from ``base`` to ``tuned`` (either may be a PEFT model), ranked
+    as :func:`analyse_deltas` ranks them."""
     return analyse_deltas(linear_deltas(base, tuned, include_zero=include_zero), base)
 
 
@@ -248,14 +250,10 @@ def write_analysis(df: pd.DataFrame, out_dir: str | os.PathLike, title: str) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "weight_changes.json"}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".weight_changes.json.")
-    os.close(fd)
-    try:
-        df.to_json(tmp, orient="records", indent=2, double_precision=15)
-        os.replace(tmp, written["json"])
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        written["json"],
+        lambda tmp: df.to_json(tmp, orient="records", indent=2, double_precision=15),
+    )
 
     layered = df[df["layer"].notna()]
     if len(layered):
@@ -264,21 +262,57 @@ def write_analysis(df: pd.DataFrame, out_dir: str | os.PathLike, title: str) -> 
         pivot = layered.pivot_table(index="layer", columns="kind", values="relative", aggfunc="max")
         pivot = pivot.reindex(columns=kinds).sort_index()
         pivot.index = [int(i) for i in pivot.index]
-        png = out / "weight_changes.png"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".weight_changes.", suffix=".png")
-        os.close(fd)
-        try:
-            heatmap(
-                pivot,
-                tmp,
-                title=f"{title}\nrelative change ‖ΔW‖_F / ‖W‖_F",
-                xlabel="module",
-                ylabel="layer",
-                fmt="{:.2g}",
-            )
-            os.replace(tmp, png)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written["png"] = png
+        written["png"] = out / "weight_changes.png"
+        heatmap(  # written atomically by introspect.plots
+            pivot,
+            written["png"],
+            title=f"{title}\nrelative change ‖ΔW‖_F / ‖W‖_F",
+            xlabel="module",
+            ylabel="layer",
+            fmt="{:.2g}",
+        )
     return written
+
+
+# --------------------------------------------------------------------------- recipe
+
+TOP_COLUMNS = ("rank", "module", "relative", "stable_rank", "effective_rank")
+
+
+class StanceWeightsConfig(Config):
+    """``stance weights``: per-module ΔW of a trained artifact against its base model."""
+
+    run: str = Field(description="run directory of `stance train`, or the artifact/ inside it")
+    base: str | None = Field(
+        None, description="base model (default: the one the artifact's meta.json names)"
+    )
+    top: int = Field(
+        10, ge=1, description="largest changes listed in the result (the JSON lists them all)"
+    )
+
+
+def run_stance_weights(config: StanceWeightsConfig | dict, out_dir: str | os.PathLike) -> dict:
+    """``weight_changes.json`` and ``weight_changes.png`` of ``config.run`` in ``out_dir``, on
+    the CPU. Returns ``modules_changed``, the ``top`` rows (``TOP_COLUMNS``) and the paths."""
+    from introspect import models
+    from introspect.stance.tuning import load_tuned
+
+    cfg = parse(StanceWeightsConfig, config)
+    tuned = load_tuned(cfg.run, cfg.base, device="cpu")
+    base_lm = models.load(cfg.base or tuned.name, device="cpu")
+    df = analyse(base_lm.model, tuned.model)
+    title = f"{Path(cfg.run).name}: weight change vs {base_lm.name}"
+    written = write_analysis(df, out_dir, title)
+    return {
+        "run": cfg.run,
+        "base_model": base_lm.name,
+        "modules_changed": len(df),
+        "top": df.head(cfg.top)[list(TOP_COLUMNS)].to_dict("records"),
+        "written": {k: str(v) for k, v in written.items()},
+    }
+
+
+def summary_line(metrics: dict) -> str:
+    """``3 changed modules → out/weight_changes.json, out/weight_changes.png``"""
+    paths = ", ".join(metrics["written"].values())
+    return f"{metrics['modules_changed']} changed modules → {paths}"

@@ -3,7 +3,7 @@
 One task pinned to each alive node runs `introspect vectors random` on that node and returns
 the file's SHA-256 (same seed, so every node must produce the same bytes). The last line is
 `CLUSTER_JOB_REPORT {json}`, which the harness parses. (The worker-loss test submits a plan
-instead: scripts/cluster_harness.py, `plan_worker_loss`.)
+instead: tests/cluster/harness.py, `plan_worker_loss`.)
 """
 
 import hashlib

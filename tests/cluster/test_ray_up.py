@@ -1,6 +1,6 @@
 """`ray up ray_cluster.yaml` for real: two hosts in network namespaces, real sshd, token auth.
 
-One cluster for the module (scripts/cluster_harness.py builds it; see its docstring for the
+One cluster for the module (tests/cluster/harness.py builds it; see its docstring for the
 hosts). The tests run in file order, because each step needs the one before: the cluster
 comes up, jobs run through the SSH tunnel with and without the token, the plan is submitted,
 a bigger plan is submitted and the worker is killed while it runs a stage of it, then
@@ -11,27 +11,19 @@ The plan submitted is tests/plans/tiny.yaml, the reduced variant of plans/quicks
 cores, over this test's time budget; INTROSPECT_CLUSTER_PLAN=plans/quickstart.yaml runs it.
 """
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+# tests/cluster has no __init__.py, so pytest puts it on sys.path: harness.py is a module.
+import harness as ch
 import pytest
 import yaml
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-ch = sys.modules.get("cluster_harness")  # tests/test_ray_cluster_yaml.py may have loaded it
-if ch is None:
-    _spec = importlib.util.spec_from_file_location(
-        "cluster_harness", REPO / "scripts" / "cluster_harness.py"
-    )
-    ch = importlib.util.module_from_spec(_spec)
-    sys.modules["cluster_harness"] = ch  # dataclasses look their module up
-    _spec.loader.exec_module(ch)
 
 TIMINGS: dict[str, float] = {}
 
@@ -139,7 +131,7 @@ LOST = "was lost; run the plan again: finished stages are skipped"  # pipelines/
 def test_a_worker_lost_mid_plan_fails_stages_clearly_and_a_resubmit_finishes_the_rest(cluster):
     """The worker's Ray is killed (`ray stop --force` in its namespace) as soon as a stage of a
     plan submitted with `introspect submit` runs there. The plan is tiny.yaml plus five stages
-    (cluster_harness.loss_plan); tiny.yaml's own stages were finished by the test above.
+    (harness.loss_plan); tiny.yaml's own stages were finished by the test above.
 
     Either the plan still succeeds, or it fails naming each stage the lost node took with it
     (a stage that ran there, or a training whose data or workers were there), and once the

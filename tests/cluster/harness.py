@@ -16,7 +16,7 @@ namespace (the hosts' gateway) forwards nothing, and no address is added outside
 host's PID 1 is a small reaper; killing it ends every process of that host, so cleanup ends
 only what the harness started.
 
-Run as root:  python scripts/cluster_harness.py run [--worker-loss] [--keep]
+Run as root:  python tests/cluster/harness.py run [--worker-loss] [--keep]
 (--worker-loss: a plan submitted with `introspect submit`, the worker's Ray killed mid-plan.)
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "ray_cluster.yaml"
 SUBNET = "10.231.0"
 HEAD_IP, WORKER_IP, LAPTOP_IP = f"{SUBNET}.1", f"{SUBNET}.2", f"{SUBNET}.100"
@@ -167,7 +167,7 @@ class Harness:
         self._save_state()
 
     def _save_state(self) -> None:
-        # Lets `cluster_harness.py clean WORKDIR` undo a run whose process died.
+        # Lets `harness.py clean WORKDIR` undo a run whose process died.
         state = {"run_id": self.run_id, "hosts": {
             h.name: {"ns": h.ns, "unshare_pid": h.proc.pid, "init_pid": h.init_pid,
                      "namespaces": h.namespaces}
