@@ -96,7 +96,7 @@ def test_split_is_stratified_and_disjoint():
         ("n", "5", "^n: '5': "),  # strict: a string is not a number
         ("val_fraction", 1.0, "^val_fraction: "),
         ("magnitudes", [], "^magnitudes: "),
-        ("magnitudes", [5.0, -1.0], "^magnitudes: .*> 0"),
+        ("magnitudes", [5.0, -1.0], r"^magnitudes\.1: -1.0: Input should be greater than 0"),
         ("magnitude_mode", "log", "^magnitude_mode: "),
         ("magnitude", [5.0], "^magnitude: unknown key"),
     ],
