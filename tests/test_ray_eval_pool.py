@@ -139,7 +139,9 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path):
         timing = json.loads((out / "timing.json").read_text())
         assert timing["device_hours"] == pytest.approx(2 * timing["wall_s"] / 3600)  # 2 hosts
         metrics[model] = json.loads((out / "metrics.json").read_text())
-        expected = S.eval_one(plan, "b1", model, tmp_path / "one" / model, dirs)
+        one = tmp_path / "one" / model
+        one.mkdir(parents=True)
+        expected = S.run_stage(plan, "b1", model, one, dirs, str(tmp_path / "ray"))
         assert_same(metrics[model], expected)
     assert metrics["base"]["tiers"] != metrics["tuned"]["tiers"]  # the adapter was switched in
 
