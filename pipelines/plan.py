@@ -243,10 +243,10 @@ def _own(options: dict, where: str) -> dict:
 
 
 def stage_configs(
-    plan: Plan, name: str, inputs: dict[str, Path] | None
+    plan: Plan, name: str, inputs: dict[str, Path] | None, part: str | None = None
 ) -> list[tuple[str | None, str, Config]]:
     """``(part, recipe name, config)`` for each unit of stage ``name`` (one per model of an eval
-    stage, part None otherwise)."""
+    stage, part None otherwise); ``part`` given: that model's unit only."""
     stage = plan.stages[name]
     model = plan.stage_model(name)
     where = f"stages.{name}"
@@ -261,7 +261,9 @@ def stage_configs(
         return [(None, stage.kind, _train_config(plan, name, inputs))]
     if stage.kind == "eval":
         return [
-            (m, f"eval.{stage.suite}", _eval_config(plan, name, m, inputs)) for m in stage.models
+            (m, f"eval.{stage.suite}", _eval_config(plan, name, m, inputs))
+            for m in stage.models
+            if part is None or m == part
         ]
     options = _own(stage.config, f"{where}.config") | {"model": model}
     kind = "stance.compare" if stage.kind == "stance" else "localize"

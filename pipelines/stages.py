@@ -24,7 +24,7 @@ def run_stage(
 
     ``pool``: the eval stage's model hosts, when its models share one (``hosts: N``)."""
     stage = plan.stages[name]
-    [(_, kind, config)] = [c for c in stage_configs(plan, name, inputs) if c[0] == part]
+    [(_, kind, config)] = stage_configs(plan, name, inputs, part)
     context = Context(name=name)
     target = out
     if kind == "vectors":
