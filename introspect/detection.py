@@ -15,6 +15,7 @@ position ids are computed per row, so a row's answer does not depend on its batc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -164,10 +165,27 @@ def steered_cache(model: nn.Module, batch: DetectionBatch):
     return output_cache(inner, out)
 
 
+def _read_only_update(layer, key_states, value_states, *args, **kwargs):
+    return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+
+def read_only(cache):
+    """The cache with each layer's ``update`` returning stored + new states without storing.
+
+    Under gradient checkpointing the backward pass replays the suffix through every layer; a
+    cache that grew in the first pass would hand the replay a longer prefix
+    (:mod:`introspect.recompute`). Only the suffix's last position is read, so nothing needs
+    storing anyway.
+    """
+    for layer in cache.layers:
+        layer.update = functools.partial(_read_only_update, layer)
+    return cache
+
+
 def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tensor:
     """Suffix pass on a (steered) cache: ``[B, vocab]`` logits at each row's last suffix token.
 
-    The cache is mutated (extended) by this call; copy it first to reuse it.
+    The cache is made read-only (:func:`read_only`) and can be read again afterwards.
     """
     positions = batch.prefix_lens[:, None] + torch.arange(
         batch.suffix_ids.shape[1], device=batch.suffix_ids.device
@@ -179,7 +197,7 @@ def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tenso
         attention_mask=attention,
         position_ids=positions,
         use_cache=True,
-        **cache_kwargs(inner, cache),
+        **cache_kwargs(inner, read_only(cache)),
     ).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.suffix_lens - 1]
     return causal_lm(model).get_output_embeddings()(last)

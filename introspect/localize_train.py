@@ -159,9 +159,9 @@ def run_localization_training(
     t0 = time.perf_counter()
     result = train_prompts(
         lm,
-        localization_prompts(lm.tokenizer, train_df, vs.vectors, texts),
+        localization_prompts(lm.tokenizer, train_df, vs.vectors, texts, cfg.system_prompt),
         train_df["label"].tolist(),
-        localization_prompts(lm.tokenizer, val_df, vs.vectors, texts),
+        localization_prompts(lm.tokenizer, val_df, vs.vectors, texts, cfg.system_prompt),
         val_df["label"].tolist(),
         train_cfg,
         out / "run",

@@ -13,6 +13,7 @@ import copy
 import functools
 import importlib.util
 import inspect
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -65,8 +66,13 @@ def load(
     adapter: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, optionally with a PEFT adapter on top."""
+    """Load a causal LM and its tokenizer, in eval mode, optionally with a PEFT adapter on top.
+
+    With ``$INTROSPECT_LOAD_LOG`` set, each load appends a line to that file saying what was
+    loaded where (process title, the GPUs the process may use): which task of a plan holds
+    which device, on any cluster."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _log_load(name_or_path, device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     # bf16 only where the hardware makes it fast; CPU stays fp32 so tests compare at 1e-4.
@@ -88,6 +94,20 @@ def load(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def _log_load(name: str, device: torch.device) -> None:
+    path = os.environ.get("INTROSPECT_LOAD_LOG")
+    if not path:
+        return
+    try:  # Ray names its worker processes after the task: "ray::stage:b1"
+        title = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        title = ""
+    entry = {"model": name, "device": str(device), "pid": os.getpid(), "process": title,
+             "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}  # fmt: skip
+    with open(path, "a") as f:  # one short line: appends from processes do not interleave
+        f.write(json.dumps(entry) + "\n")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

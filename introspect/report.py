@@ -1,8 +1,10 @@
 """The plan report, rebuilt from the results on disk alone (``report.md`` and ``report.html``).
 
 Reads ``runs/<plan>/plan.json`` (written by the plan runner) and each finished stage's
-``metrics.json``, ``timing.json`` and ``summary.md``. Numbers in the comparison table are read
-from the per-run metrics files, never recomputed, so the report always equals them.
+``metrics.json``, ``timing.json`` and ``summary.md``, and the runner's ``status.json`` (which
+units failed, with their one-line errors, and which were blocked by a failed input). Numbers in
+the comparison table are read from the per-run metrics files, never recomputed, so the report
+always equals them; seed 002's success criteria are judged in :mod:`introspect.verdicts`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from introspect.errors import IntrospectError
 from introspect.io import markdown_table, write_text
+from introspect.verdicts import success_markdown
 
 
 def _load(path: Path) -> dict | None:
@@ -126,6 +129,9 @@ def build_report(root: str | os.PathLike) -> Path:
     if plan.get("description"):
         parts += [plan["description"].strip(), ""]
     parts += [f"Model: `{plan['model']}`.", ""]
+    states = unit_states(root, plan, dirs)
+    parts += failed_section(states)
+    parts += [success_markdown(plan, dirs)]
 
     # The B1 comparison across models, and the verdicts.
     for name, s in stages.items():
@@ -156,6 +162,7 @@ def build_report(root: str | os.PathLike) -> Path:
         "localize": "Localisation training (Phase C)",
         "data": "Data",
         "vectors": "Vectors",
+        "norms": "Residual norms",
     }
     for kind, title in titles.items():
         names = [n for n, s in stages.items() if s["kind"] == kind and n in dirs]
@@ -167,35 +174,78 @@ def build_report(root: str | os.PathLike) -> Path:
                 if (d / "summary.md").exists():
                     parts += [_rebase((d / "summary.md").read_text(), d, root), ""]
 
-    parts += ["## Time and cost per stage", "", markdown_table(cost_table(root, plan, dirs)), ""]
+    parts += ["## Time and cost per stage", "", markdown_table(cost_table(states)), ""]
     text = "\n".join(parts)
     write_text(root / "report.md", text)
     write_text(root / "report.html", to_html(text, f"{plan['name']} report"))
     return root / "report.md"
 
 
-def cost_table(root: Path, plan: dict, dirs: dict[str, Path]) -> pd.DataFrame:
-    rows = []
+# The runner's words for units that did not finish (pipelines.runner.UnitStatus).
+_UNFINISHED = ("failed", "blocked")
+UnitState = tuple[str, str, dict | None]  # key, state, timing (None unless done)
+
+
+def unit_states(root: Path, plan: dict, dirs: dict[str, Path]) -> list[UnitState]:
+    """Each unit's key (``stage``, or ``stage[model]`` for an eval model), state and timing.
+
+    "done" when its result is on disk; else the runner's record in ``status.json`` of a failed
+    (``failed: <error>``) or blocked unit; else "not finished" (its stage began) or "not run".
+    A result at an older hash than the plan's current one (``stages.json``) does not hide a
+    failure of the current one; a current result outranks an older status record."""
+    status = _load(root / "status.json") or {}
+    current = _load(root / "stages.json") or {}
+    out = []
     for name, s in plan["stages"].items():
-        if name not in dirs:
-            rows.append({"stage": name, "state": "not run"})
+        d = dirs.get(name)
+        fresh = d is not None and current.get(name, d.name) == d.name
+        if s["kind"] == "eval":
+            units = [(f"{name}[{m}]", d / m if d else None) for m in s["models"]]
+        else:
+            units = [(name, d)]
+        for key, path in units:
+            timing = _load(path / "timing.json") if path else None
+            record = status.get(key, "")
+            if timing is not None and (fresh or not record.startswith(_UNFINISHED)):
+                out.append((key, "done", timing))
+            elif record.startswith(_UNFINISHED):
+                out.append((key, record, None))
+            else:
+                out.append((key, "not finished" if d is not None else "not run", None))
+    return out
+
+
+def failed_section(states: list[UnitState]) -> list[str]:
+    """Report lines naming each failed unit and its error, and the units it blocked."""
+    failed = [
+        (k, s.removeprefix("failed:").strip()) for k, s, _ in states if s.startswith("failed")
+    ]
+    if not failed:
+        return []
+    lines = ["## Failed stages", ""] + [f"- `{k}`: {err}" for k, err in failed]
+    blocked = [f"`{k}`" for k, s, _ in states if s.startswith("blocked")]
+    if blocked:
+        lines += ["", f"Blocked (an input failed): {', '.join(blocked)}."]
+    return lines + [""]
+
+
+def cost_table(states: list[UnitState]) -> pd.DataFrame:
+    """One row per unit (from :func:`unit_states`): its state, time and cost, and a total."""
+    rows = []
+    for key, state, t in states:
+        if t is None:
+            rows.append({"stage": key, "state": state})
             continue
-        for d in _outputs(s, dirs[name]):
-            t = _load(d / "timing.json")
-            label = name if d == dirs[name] else f"{name}[{d.name}]"
-            if t is None:
-                rows.append({"stage": label, "state": "not finished"})
-                continue
-            rows.append(
-                {
-                    "stage": label,
-                    "state": "done",
-                    "wall s": round(t["wall_s"], 1),
-                    "device": t["device"],
-                    "device-hours": round(t["device_hours"], 4),
-                    "USD": round(t["usd"], 4),
-                }
-            )
+        rows.append(
+            {
+                "stage": key,
+                "state": state,
+                "wall s": round(t["wall_s"], 1),
+                "device": t["device"],
+                "device-hours": round(t["device_hours"], 4),
+                "USD": round(t["usd"], 4),
+            }
+        )
     table = pd.DataFrame(rows)
     if "wall s" in table:
         total = {

@@ -45,7 +45,8 @@ from introspect.distributed import average_gradients, barrier, sum_scalars, worl
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.io import write_json, write_text
-from introspect.models import LoadedModel, causal_lm
+from introspect.models import LoadedModel
+from introspect.recompute import checkpoint_layers
 from introspect.vectors import VectorSet
 
 
@@ -162,9 +163,7 @@ def prepare_model(lm: LoadedModel, config: TrainConfig) -> torch.nn.Module:
         for p in lm.model.parameters():
             p.requires_grad_(True)
     if config.gradient_checkpointing:
-        causal_lm(lm.model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        checkpoint_layers(lm.model)  # not transformers' own: it would drop the steered cache
     return lm.model
 
 

@@ -191,6 +191,21 @@ def pool_mapper(
         log.info("fan-out %s: %s", getattr(fn, "__name__", "fn"), out.attrs.pop("fan_out"))
         return out
 
+    def call(fn: Callable, **opts):
+        """``fn(lm, **opts)`` once, on the first live host (norms, concept vectors)."""
+        for host in hosts:
+            ref = host.call_as.options(max_task_retries=0).remote(adapter, fn, **opts)
+            try:
+                return ray.get(ref)
+            except HOST_LOST:
+                continue
+            except RayTaskError as e:
+                if isinstance(e.cause, IntrospectError):
+                    raise IntrospectError(str(e.cause)) from None
+                raise
+        raise IntrospectError(f"hosts: all {len(hosts)} hosts died")
+
+    mapper.call = call
     return mapper
 
 

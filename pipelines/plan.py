@@ -37,6 +37,7 @@ from introspect.io import load_yaml
 from introspect.models import ALIASES
 from pipelines.recipes import EVAL_SUITES, recipe
 from pipelines.recipes import data as data_recipe
+from pipelines.recipes import norms as norms_recipe
 from pipelines.recipes import vectors as vectors_recipe
 from pipelines.recipes.train import Preset, overrides_config
 from pipelines.sweep import SweepSettings
@@ -57,9 +58,17 @@ class VectorsStage(_Stage, vectors_recipe.Config):
     HASHED = ("kind", "type", "n", "n_train", "seed", "layer", "model")
 
 
+class NormsStage(_Stage, norms_recipe.Config):
+    kind: Literal["norms"]
+    HASHED = ("kind", "model")
+
+
 class DataStage(_Stage, data_recipe.Config):
     kind: Literal["data"]
     vectors: str = Field(description="the vectors stage the steered rows draw from")
+    norms: str | None = Field(
+        None, description="relative: the norms stage to read (default: measure them here)"
+    )
     HASHED = (
         "kind", "vectors", "variant", "n", "val_fraction", "seed", "magnitudes",
         "magnitude_mode", "model",
@@ -102,20 +111,32 @@ class StanceStage(_Stage):
 class LocalizeStage(_Stage):
     kind: Literal["localize"]  # Phase C: localisation training + B7 on the trained model
     config: dict[str, Any] = Field({}, description="the localisation training's config")
+    vectors: str | None = Field(
+        None, description="the random vectors stage to train and test on (default: built-in)"
+    )
     HASHED = ("kind", "config", "model")
 
 
 Stage = Annotated[
-    VectorsStage | DataStage | TrainStage | SweepStage | EvalStage | StanceStage | LocalizeStage,
+    VectorsStage
+    | NormsStage
+    | DataStage
+    | TrainStage
+    | SweepStage
+    | EvalStage
+    | StanceStage
+    | LocalizeStage,
     Field(discriminator="kind"),
 ]
-KINDS = ("vectors", "data", "train", "sweep", "eval", "stance", "localize")
+KINDS = ("vectors", "norms", "data", "train", "sweep", "eval", "stance", "localize")
 
 
 class Resources(Config):
     use_gpu: bool = Field(False, description="one GPU per training worker and model host")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker / task")
-    dtype: str | None = Field(None, description="training dtype (default: by device)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="training weights' dtype (default: bfloat16 on a GPU, else float32)"
+    )
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a lost worker")
 
 
@@ -159,9 +180,13 @@ def _expected_kinds(stage) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     if isinstance(stage, DataStage):
         out[stage.vectors] = ("vectors",)
+        if stage.norms:
+            out[stage.norms] = ("norms",)
     if isinstance(stage, TrainStage):  # sweeps too
         out[stage.data] = ("data",)
         out.update({v: ("vectors",) for v in stage.vectors or []})
+    if isinstance(stage, LocalizeStage) and stage.vectors:
+        out[stage.vectors] = ("vectors",)
     if isinstance(stage, EvalStage):
         out.update({m: ("train",) for m in stage.models if m != BASE})
         out.update({v: ("vectors",) for v in stage.vectors})
@@ -253,9 +278,15 @@ def stage_configs(
     if stage.kind == "vectors":
         fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
         return [(None, "vectors", recipe("vectors").parse(fields, where))]
+    if stage.kind == "norms":
+        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
+        return [(None, "norms", recipe("norms").parse(fields, where))]
     if stage.kind == "data":
         fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
         fields["vectors"] = vector_file(inputs, stage.vectors)
+        if stage.norms:
+            _check_norms(plan, name)
+            fields["norms"] = _dir(inputs, stage.norms, "norms.json")
         return [(None, "data", recipe("data").parse(fields, where))]
     if stage.kind in ("train", "sweep"):
         return [(None, stage.kind, _train_config(plan, name, inputs))]
@@ -266,8 +297,25 @@ def stage_configs(
             if part is None or m == part
         ]
     options = _own(stage.config, f"{where}.config") | {"model": model}
+    if stage.kind == "localize" and stage.vectors:
+        options["vectors"] = vector_file(inputs, stage.vectors)
     kind = "stance.compare" if stage.kind == "stance" else "localize"
     return [(None, kind, recipe(kind).parse(options, f"{where}.config"))]
+
+
+def _check_norms(plan: Plan, name: str) -> None:
+    """A data stage reads norms measured on its own model and texts, for relative magnitudes."""
+    stage, where = plan.stages[name], f"stages.{name}.norms"
+    norms = plan.stages[stage.norms]
+    if stage.magnitude_mode != "relative":
+        raise IntrospectError(f"{where}: only relative magnitudes read norms; drop it")
+    if plan.stage_model(stage.norms) != plan.stage_model(name):
+        raise IntrospectError(
+            f"{where}: {stage.norms!r} measures {plan.stage_model(stage.norms)!r}, this stage "
+            f"steers {plan.stage_model(name)!r}"
+        )
+    if norms.prompts != stage.prompts:
+        raise IntrospectError(f"{where}: {stage.norms!r} measures other texts (prompts differ)")
 
 
 def _train_config(plan: Plan, name: str, inputs: dict[str, Path] | None) -> Config:
@@ -290,6 +338,8 @@ def _train_config(plan: Plan, name: str, inputs: dict[str, Path] | None) -> Conf
         ],
         "preset": stage.preset,
     }
+    if plan.resources.dtype:
+        fields["dtype"] = plan.resources.dtype
     if stage.kind == "train":
         return recipe("train").parse({**fields, **stage.overrides}, f"{where}.overrides")
     sweep = stage.model_dump(include=set(recipe("sweep").config.model_fields))

@@ -11,7 +11,6 @@ for one CPU (or one GPU on a GPU plan), so the cluster's size sets the concurren
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
 from introspect.io import write_json, write_text
 from pipelines import stages as S
+from pipelines.failures import failure_line
+from pipelines.placement import add, check_feasible, fits, unit_need
 from pipelines.plan import Plan, inputs, order, stage_hashes
 
 COMPLETE = "COMPLETE"
@@ -81,7 +82,10 @@ def stage_dirs(plan: Plan) -> dict[str, Path]:
 
 
 def units(plan: Plan) -> list[StageRun]:
-    """Every schedulable unit, in an order where each follows what it needs."""
+    """Every schedulable unit, in an order where each follows what it needs.
+
+    An eval stage's model unit needs only its own model's training (and the stage's vectors),
+    so one failed training blocks only the evaluations of that model."""
     dirs = stage_dirs(plan)
     out = []
     for name in order(plan):
@@ -89,7 +93,8 @@ def units(plan: Plan) -> list[StageRun]:
         needs = inputs(stage)
         if stage.kind == "eval":
             for m in stage.models:
-                out.append(StageRun(name, m, dirs[name] / m, needs))
+                own = [n for n in needs if n not in stage.models or n == m]
+                out.append(StageRun(name, m, dirs[name] / m, own))
         else:
             out.append(StageRun(name, None, dirs[name], needs))
     return out
@@ -113,6 +118,8 @@ def _execute(
         metrics = S.run_stage(plan, unit.stage, unit.part, tmp, input_dirs, storage, pool)
         ended = time.time()
         timing.update(_cost(plan, kind, metrics, started, ended, len(pool) if pool else 1))
+        if pool is not None:  # a pool started only when its devices were free waits ~0 s
+            timing["pool_wait_s"] = pool.wait_s
         write_json(tmp / "timing.json", timing)
         if not (tmp / "metrics.json").exists():
             write_json(tmp / "metrics.json", metrics)
@@ -143,81 +150,14 @@ def _cost(
     }
 
 
-def _remote_options(plan: Plan, kind: str) -> dict:
+def _remote_options(plan: Plan, unit: StageRun) -> dict:
+    """The Ray task's resources: what the unit holds, except for drivers whose Ray Train
+    workers or model hosts hold them. ``num_cpus`` is also torch's thread count there."""
+    kind = plan.stages[unit.stage].kind
     if kind in ("train", "sweep"):
-        return {"num_cpus": 0}  # a driver: its Ray Train workers hold the resources
-    cpus = plan.resources.cpus_per_worker  # also what torch's thread pool gets (OMP_NUM_THREADS)
-    if plan.resources.use_gpu and kind != "data":
-        return {"num_cpus": cpus, "num_gpus": 1}
-    return {"num_cpus": cpus}
-
-
-# Ray's errors for a stage whose worker process, or the node under it, went away: a box lost
-# mid-plan (its Ray killed, the machine gone) ends the stages running there with one of these,
-# and a training whose workers, data or Ray Data's helper actors were there with one of these
-# (seen: ActorDiedError), possibly behind Ray Train's error.
-_LOST = (
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.RayActorError,
-    ray.exceptions.LocalRayletDiedError,
-    ray.exceptions.ObjectLostError,
-)
-# "module.SomeError: message", the line of a formatted traceback that names the error.
-_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.*)$")
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The error behind Ray's and Ray Train's wrappers: a task's own error, a training run's
-    first worker failure, or its controller's failure."""
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
-
-    for _ in range(8):  # they nest a few deep at most
-        if isinstance(e, ray.exceptions.RayTaskError) and getattr(e, "cause", None) is not None:
-            e = e.cause
-        elif isinstance(e, WorkerGroupError) and e.worker_failures:
-            e = e.worker_failures[min(e.worker_failures)]
-        elif isinstance(e, ControllerError) and e.controller_failure is not None:
-            e = e.controller_failure
-        elif isinstance(getattr(e, "_base_exc", None), BaseException):  # a Train worker's error
-            e = e._base_exc
-        else:
-            break
-    return e
-
-
-def _failure(e: BaseException) -> str:
-    """A failed unit's one line: an IntrospectError as is, anything else with its type; a stage
-    that lost its Ray worker or node (or data or a training worker there) says so and how to
-    go on."""
-    cause = _cause(e)
-    name = type(cause).__name__
-    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    if isinstance(cause, IntrospectError):
-        return line
-    if isinstance(cause, ray.exceptions.UnserializableException):
-        # Ray's notice, then the original traceback: name the error that traceback ends with.
-        trace = getattr(cause, "_original_stack_trace", "").splitlines()
-        named = [m for m in map(_ERROR_LINE.match, reversed(trace)) if m]
-        if named:
-            name, line = named[0].group(1), named[0].group(2).strip()
-    if isinstance(cause, _LOST) or name in _names(_LOST):
-        return (
-            f"{name}: {line} (a Ray worker or node this stage used was lost; run the plan "
-            "again: finished stages are skipped)"
-        )
-    return f"{name}: {line}"
-
-
-def _names(types: tuple[type, ...]) -> set[str]:
-    """The names of these classes and of all their subclasses (ActorDiedError, ...)."""
-    names, todo = set(), list(types)
-    while todo:
-        t = todo.pop()
-        if t.__name__ not in names:
-            names.add(t.__name__)
-            todo.extend(t.__subclasses__())
-    return names
+        return {"num_cpus": 0}
+    need = unit_need(plan, unit.stage)
+    return {"num_cpus": need["CPU"], "num_gpus": need["GPU"]}
 
 
 # Both remote functions return the failed units' lines by key ({} when all went well). The
@@ -229,7 +169,7 @@ def _execute_remote(plan_json: str, unit: StageRun, input_dirs: dict, storage: s
     try:
         _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
     except Exception as e:  # noqa: BLE001 - reported as the unit's line
-        return {unit.key: _failure(e)}
+        return {unit.key: failure_line(e)}
     return {}
 
 
@@ -244,14 +184,12 @@ def _execute_pooled(plan_json: str, units: list[StageRun], input_dirs: dict, sto
             try:
                 _execute(plan, u, dirs, storage, pool)
             except Exception as e:  # noqa: BLE001 - reported per model, the rest go on
-                failed[u.key] = _failure(e)
+                failed[u.key] = failure_line(e)
     return failed
 
 
 def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict[str, UnitStatus]:
     """Run every unfinished stage; return each unit's :class:`UnitStatus` by key."""
-    from pipelines.concurrent import capacity
-
     root = plan_root(plan).resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_text(root / "plan.json", plan.model_dump_json(indent=2))
@@ -276,6 +214,22 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
     def stage_failed(name: str) -> bool:
         return any(k in status and not status[k].ok for k in stage_keys[name])
 
+    def unsettled(u: StageRun) -> bool:
+        """Not finished, and its inputs neither all done nor any failed yet."""
+        if u.key in status or u.key in started:
+            return False
+        return not all(stage_done(n) for n in u.needs) and not any(stage_failed(n) for n in u.needs)
+
+    total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    nodes = [
+        {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    check_feasible(plan, sorted({u.stage for u in todo if u.key not in status}), total, nodes)
+    used: dict[str, float] = {}
+    holding: dict[ray.ObjectRef, dict[str, float]] = {}
+
     running: dict[ray.ObjectRef, list[StageRun]] = {}
     started: dict[str, float] = {}
     plan_json = plan.model_dump_json()
@@ -290,22 +244,24 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                     continue
                 if not all(stage_done(n) for n in u.needs):
                     continue
-                kind = plan.stages[u.stage].kind
-                if kind in ("train", "sweep"):
-                    res = plan.resources
-                    slots = capacity(
-                        plan.stages[u.stage].num_workers, res.cpus_per_worker, res.use_gpu
-                    )
-                    busy = sum(
-                        plan.stages[g[0].stage].kind in ("train", "sweep") for g in running.values()
-                    )
-                    if busy >= slots:
-                        continue
+                stage = plan.stages[u.stage]
+                pooled = stage.kind == "eval" and stage.hosts
+                if pooled and any(unsettled(v) for v in todo if v.stage == u.stage):
+                    continue  # one pool for all the stage's models: wait for their trainings
+                need = unit_need(plan, u.stage, total)
+                if not fits(need, used, total):
+                    continue  # it starts when running units free what it holds
                 # Every finished stage: a training stage also reads its data's vectors.
                 input_dirs = {n: str(d) for n, d in dirs.items() if stage_done(n)}
-                if kind == "eval" and plan.stages[u.stage].hosts:
-                    # The stage's unfinished models go together, in turn on one pool.
-                    group = [v for v in todo if v.stage == u.stage and v.key not in status]
+                if pooled:
+                    # The stage's ready models go together, in turn on one pool.
+                    group = [
+                        v
+                        for v in todo
+                        if v.stage == u.stage
+                        and v.key not in status
+                        and all(stage_done(n) for n in v.needs)
+                    ]
                     ref = _execute_pooled.options(name=f"stage:{u.stage}").remote(
                         plan_json, group, input_dirs, storage
                     )
@@ -313,10 +269,12 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                     group = [u]
                     # Named after the unit, so Ray's state API and dashboard say which stage
                     # runs where (`ray list tasks --filter name=stage:b1[base]`).
-                    options = {"name": f"stage:{u.key}", **_remote_options(plan, kind)}
+                    options = {"name": f"stage:{u.key}", **_remote_options(plan, u)}
                     ref = _execute_remote.options(**options).remote(
                         plan_json, u, input_dirs, storage
                     )
+                holding[ref] = need
+                used = add(used, need)
                 running[ref] = group
                 started.update({v.key: time.time() for v in group})
             if view:
@@ -326,10 +284,11 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
                 group = running.pop(ref)
+                used = add(used, holding.pop(ref), -1.0)
                 try:
                     failed = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - reported per stage, the rest go on
-                    failed = dict.fromkeys((u.key for u in group), _failure(e))
+                    failed = dict.fromkeys((u.key for u in group), failure_line(e))
                 for u in group:
                     status[u.key] = (
                         UnitStatus(State.FAILED, failed[u.key])

@@ -20,6 +20,7 @@ from introspect.config import Config
 from introspect.errors import IntrospectError
 from introspect.io import markdown_table, write_json, write_text
 from pipelines.concurrent import job_capacity
+from pipelines.failures import failure_line
 from pipelines.train_job import TrainJob, job_datasets, run_train_job
 
 
@@ -124,7 +125,8 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
                 "steps": m.get("step"),
                 "reports": m.get("training_iteration"),
                 "stopped_early": not m.get("finished", 0),
-                "error": None if result.error is None else str(result.error).splitlines()[0],
+                # The trial's own error, not Tune's wrapper ("ray::ImplicitFunc.train()").
+                "error": None if result.error is None else failure_line(result.error),
             }
         )
     table = pd.DataFrame(rows).sort_values("val_loss", na_position="last", ignore_index=True)
@@ -132,7 +134,9 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
     write_text(out / "trials.md", markdown_table(table))
     finished = table.dropna(subset=["val_loss"])
     if finished.empty:
-        raise IntrospectError(f"sweep {sweep.job.name}: no trial reported a validation loss")
+        errors = table["error"].dropna()
+        why = f"; first trial's error: {errors.iloc[0]}" if len(errors) else ""
+        raise IntrospectError(f"sweep {sweep.job.name}: no trial reported a validation loss{why}")
     best = finished.iloc[0].to_dict()
     write_json(out / "best.json", best)
     return table

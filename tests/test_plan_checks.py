@@ -201,7 +201,10 @@ def test_hashes_of_the_shipped_plans_are_what_they_were():
     recorded = json.loads((HERE / "data" / "stage_hashes.json").read_text())
     root = HERE.parent
     for path, hashes in recorded.items():
-        now = stage_hashes(load_plan(root / path))
+        # The shipped plans as they were then (edited since: new stages, new settings).
+        shipped = path.startswith("plans/")
+        where = HERE / "data" / "plans_ef50a29" / Path(path).name if shipped else root / path
+        now = stage_hashes(load_plan(where))
         if path == "tests/plans/tiny.yaml":
             # Its b1 options now say `magnitude_mode: absolute`, which they meant when B1's
             # default was absolute: a changed stage, so a changed hash. The rest stay.

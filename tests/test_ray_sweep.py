@@ -16,21 +16,25 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
 
 
-def test_sweep_writes_its_table_and_best_config(tmp_path):
-    config = DataConfig(n=60, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
+def sweep(tmp_path, n: int, *args: str) -> subprocess.CompletedProcess:
+    """`introspect sweep` on n tiny-random examples written into tmp_path."""
+    config = DataConfig(n=n, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
     tr, va = split(make_examples(config, 4, VS), 0.2, 0)
     write_examples(tr, tmp_path / "train.parquet")
     write_examples(va, tmp_path / "val.parquet")
     save_vectors(tmp_path / "random.safetensors", VS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "cluster.cli", "sweep", "--model", "tiny-random",
          "--data", str(tmp_path), "--vectors", str(tmp_path / "random.safetensors"),
-         "--out", str(tmp_path / "sweep"), "--ranks", "1,4", "--lrs", "1e-3,2e-3",
-         "--steps", "4", "--set", "batch_size=4", "--set", "eval_every=2",
-         "--set", "warmup_steps=1"],
+         "--out", str(tmp_path / "sweep"), *args],
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
+
+
+def test_sweep_writes_its_table_and_best_config(tmp_path):
+    sets = ("--set", "batch_size=4", "--set", "eval_every=2", "--set", "warmup_steps=1")
+    r = sweep(tmp_path, 60, "--ranks", "1,4", "--lrs", "1e-3,2e-3", "--steps", "4", *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_csv(tmp_path / "sweep" / "trials.csv")
     # Every trial of the 2 x 2 grid ran and reported (ASHA may stop some early: a trial it
@@ -40,3 +44,15 @@ def test_sweep_writes_its_table_and_best_config(tmp_path):
     assert table["val_loss"].notna().all() and table["error"].isna().all()
     assert (tmp_path / "sweep" / "best.json").exists()
     assert (tmp_path / "sweep" / "trials.md").read_text().startswith("| lora_r |")
+
+
+def test_a_failed_sweep_names_its_trials_error(tmp_path):
+    """Every trial fails the same way: the stage's line and the table hold the real error, not
+    Tune's wrapper ("ray::ImplicitFunc.train()") with colour codes."""
+    r = sweep(tmp_path, 30, "--ranks", "2", "--lrs", "1e-3", "--steps", "2",
+              "--set", "batch_size=400")  # fmt: skip
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "no trial reported a validation loss" in last and "larger than the 24" in last, last
+    table = pd.read_csv(tmp_path / "sweep" / "trials.csv")
+    assert "larger than the 24" in table["error"].iloc[0] and "\x1b[" not in table["error"].iloc[0]

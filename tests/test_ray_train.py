@@ -64,9 +64,11 @@ def log(run_dir):
 
 
 def test_one_worker_matches_the_single_process_loop(tmp_path, files):
+    """The Ray job checkpoints its layers (v2's setting), the local loop does not: the steps
+    still agree at 1e-5, so the Ray path and gradient checkpointing both leave training as is."""
     d, tr, va = files
     train(models.load("tiny-random"), tr, va, {"random": VS}, quick(), tmp_path / "local")
-    run_train_job(job(d, tmp_path), tmp_path / "ray")
+    run_train_job(job(d, tmp_path, config=quick(gradient_checkpointing=True)), tmp_path / "ray")
     local, remote = log(tmp_path / "local"), log(tmp_path / "ray")
     assert [r["step"] for r in remote] == list(range(1, 7))
     for a, b in zip(local, remote, strict=True):
@@ -194,3 +196,57 @@ def test_zero3_killed_worker_resumes_from_its_shard(tmp_path, files):
     assert [r["step"] for r in remote] == list(range(1, 21))
     for a, b in zip(local, remote, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+
+
+def test_an_error_of_ours_is_not_retried(tmp_path, files):
+    """Ray Train retries every error max_failures times; a config error would fail every time,
+    so it stops at once: the training worker starts once, not 1 + max_failures times."""
+    d, _, _ = files
+    starts = tmp_path / "starts"
+    starts.mkdir()
+
+    def count_start():
+        (starts / str(os.getpid())).touch()
+
+    config = quick(batch_size=400)  # more than the 48 training rows: refused in the worker
+    bad = job(d, tmp_path, name="bad", config=config, max_failures=3,
+              worker_env={"worker_process_setup_hook": count_start})  # fmt: skip
+    with pytest.raises(Exception, match="larger than the 48 training examples"):
+        run_train_job(bad, tmp_path / "out")
+    assert len(list(starts.iterdir())) == 1
+
+
+def test_only_a_lost_worker_is_retried(monkeypatch):
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from pipelines import train_job
+
+    monkeypatch.setattr(train_job.time, "sleep", lambda s: None)
+    died = WorkerGroupError("rank 0 died", {0: ray.exceptions.ActorDiedError()})
+    ours = WorkerGroupError("rank 0", {0: UserExceptionWithTraceback(ValueError("bad"), "tb")})
+
+    class Trainer:
+        def __init__(self, errors):
+            self.errors, self.fits = list(errors), 0
+
+        def __call__(self):
+            return self
+
+        def fit(self):
+            self.fits += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return type("Result", (), {"error": None})()
+
+    j = TrainJob("j", "tiny-random", "a", "b", [], max_failures=2)
+    t = Trainer([died, died])
+    assert train_job._fit(t, j)[1] == 2 and t.fits == 3
+    t = Trainer([died, died, died])
+    with pytest.raises(WorkerGroupError):
+        train_job._fit(t, j)
+    assert t.fits == 3
+    t = Trainer([died, ours])
+    with pytest.raises(WorkerGroupError, match="rank 0"):
+        train_job._fit(t, j)
+    assert t.fits == 2

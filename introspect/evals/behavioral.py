@@ -48,7 +48,6 @@ class BehavioralConfig(ModelConfig):
         description="JSON question file like resources/evals/behavioral.json "
         "(default: the shipped questions)",
     )
-    system_prompt: str | None = Field(None, description="system prompt (default: none)")
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
 
 

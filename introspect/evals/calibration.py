@@ -25,7 +25,7 @@ from typing import ClassVar
 import pandas as pd
 from pydantic import Field
 
-from introspect.config import parse
+from introspect.config import parse, with_system
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     FullRun,
@@ -218,20 +218,24 @@ def sample_and_report(
     report_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 32,
+    system_prompt: str | None = None,
 ) -> pd.DataFrame:
     """Per-shard function: ``key``, ``samples`` (list of raw answers, temperature 1), ``report``
     (greedy)."""
     tok = lm.tokenizer
     prompts, seeds = [], []
     for key, p in zip(shard["key"], shard["prompt"], strict=True):
-        ids = chat_ids(tok, [{"role": "user", "content": p}])
+        ids = chat_ids(tok, with_system([{"role": "user", "content": p}], system_prompt))
         prompts += [ids] * n_samples
         seeds += [row_seed(seed, f"{key}:{j}") for j in range(n_samples)]
     sampled = Sampling(max_new_tokens=answer_tokens, temperature=1.0, top_p=1.0)
     texts = generate(lm, prompts, sampled, seeds, batch_size=batch_size)
     reports = generate(
         lm,
-        [chat_ids(tok, [{"role": "user", "content": q}]) for q in shard["report_question"]],
+        [
+            chat_ids(tok, with_system([{"role": "user", "content": q}], system_prompt))
+            for q in shard["report_question"]
+        ],
         Sampling(max_new_tokens=report_tokens),
         batch_size=batch_size,
     )
@@ -352,6 +356,7 @@ def run_calibration(
         report_tokens=cfg.report_tokens,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
+        system_prompt=cfg.system_prompt,
     )
     scored = score_prompts(trials.merge(raw, on="key"), cfg.epsilon)
     metrics = calibration_metrics(scored)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from introspect.config import Config
+from introspect.config import Config, SystemPrompt, with_system
 from introspect.detection import PREFILL, DetectionPrompt, answer_token_ids, collate
 from introspect.detection import detection_logits as _detection_logits
 from introspect.errors import IntrospectError
@@ -38,7 +38,7 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------- configs
 
 
-class ModelConfig(Config):
+class ModelConfig(SystemPrompt):
     """The model under evaluation, as every suite names it (the base of their configs)."""
 
     model: str = Field(
@@ -109,7 +109,27 @@ def in_process(lm: LoadedModel, progress: Progress | None = None):
         report(len(rows), len(rows))
         return out
 
+    mapper.call = lambda fn, **opts: fn(lm, **opts)
     return mapper
+
+
+def model_call(cfg: ModelConfig, lm, mapper, fn: Callable, **opts):
+    """``fn(model, **opts)`` once, wherever the model is: ``lm`` when given, else on the
+    mapper's model (``mapper.call``: a host of a pool), else on the model ``cfg`` names.
+
+    So a suite run over a host pool measures norms or concept vectors on a host, which holds a
+    device, instead of loading the model a second time in its own (driver) task."""
+    if lm is not None:
+        return fn(lm, **opts)
+    call = getattr(mapper, "call", None)
+    return call(fn, **opts) if callable(call) else fn(load_model(cfg), **opts)
+
+
+def model_dims(cfg: ModelConfig, lm) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of the evaluated model: from ``lm``, else from its config."""
+    from introspect.models import dims
+
+    return (lm.n_layers, lm.d_model) if lm is not None else dims(cfg.model)
 
 
 def suite_mapper(cfg: ModelConfig, lm=None, mapper=None, progress=None):
@@ -146,8 +166,7 @@ def question_prompt(
     Split like a detection prompt (prefix = the user turn, suffix = the prefilled assistant
     turn) so it is scored by the same batched two-pass code.
     """
-    msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    msgs.append({"role": "user", "content": question})
+    msgs = with_system([{"role": "user", "content": question}], system_prompt)
     prefix, suffix = split_chat(
         tokenizer,
         msgs,

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator
 
-from introspect.config import parse
+from introspect.config import parse, with_system
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     FullRun,
@@ -38,6 +38,8 @@ from introspect.evals.common import (
     finish,
     fmt_rate,
     load_model,
+    model_call,
+    model_dims,
     model_label,
     rate,
     rate_bars,
@@ -143,12 +145,15 @@ def concept_trials(
     return pd.DataFrame(rows)
 
 
-def steered_chat(tokenizer, context: str, reply: str, question: str) -> tuple[list[int], int]:
-    """Token ids of ``[user: context, assistant: reply, user: question]`` ready to answer, and
-    the length of the exchange (the prefix that is steered)."""
+def steered_chat(
+    tokenizer, context: str, reply: str, question: str, system_prompt: str | None = None
+) -> tuple[list[int], int]:
+    """Token ids of ``[system?, user: context, assistant: reply, user: question]`` ready to
+    answer, and the length of the exchange (the prefix that is steered)."""
+    exchange = [{"role": "user", "content": context}, {"role": "assistant", "content": reply}]
     head, tail = split_chat(
         tokenizer,
-        [{"role": "user", "content": context}, {"role": "assistant", "content": reply}],
+        with_system(exchange, system_prompt),
         {"role": "user", "content": question},
         "the question turn does not extend the exchange",
         add_generation_prompt=True,
@@ -163,12 +168,13 @@ def answer_concepts(
     sampling: Sampling,
     seed: int = 0,
     batch_size: int = 32,
+    system_prompt: str | None = None,
 ) -> pd.DataFrame:
     """Per-shard function: ``key``, ``response``; steered rows inject ``vectors[vector_idx]``
     over the exchange's tokens only."""
     prompts, steerings = [], []
     for r in shard.itertuples():
-        ids, n_prefix = steered_chat(lm.tokenizer, r.context, r.reply, r.question)
+        ids, n_prefix = steered_chat(lm.tokenizer, r.context, r.reply, r.question, system_prompt)
         prompts.append(ids)
         steerings.append(row_steering(vectors, r, (0, n_prefix)) if r.steered else None)
     seeds = [row_seed(seed, k) for k in shard["seed_key"]]
@@ -203,6 +209,8 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path) if path else default_embedder_dir()
+        if not (path / "model.safetensors").is_file():
+            raise IntrospectError(f"embedder: {path} holds no model.safetensors")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
@@ -364,21 +372,27 @@ def run_concepts(
     )
 
     cfg = parse(ConceptsConfig, config)
-    lm = lm or load_model(cfg)
+    embedder = Embedder(cfg.embedder)  # checked before any generation: B6 judges with it
+    if lm is None and mapper is None:
+        lm = load_model(cfg)
+    n_layers, d_model = model_dims(cfg, lm)
     if cfg.vectors:
-        vs = load_vectors(cfg.vectors, lm.d_model)
+        vs = load_vectors(cfg.vectors, d_model)
         if not vs.names:
             raise IntrospectError(f"vectors: {cfg.vectors} has no concept names")
         vs.vectors, vs.names = vs.vectors[: cfg.n_concepts], vs.names[: cfg.n_concepts]
     else:
         words, templates = default_concepts()
-        vs = concept_vectors(lm, words[: cfg.n_concepts], templates, cfg.layer, cfg.batch_size)
-    layer = vs.layer if vs.layer is not None else default_concept_layer(lm.n_layers)
+        vs = model_call(
+            cfg, lm, mapper, concept_vectors, concepts=words[: cfg.n_concepts],
+            templates=templates, layer=cfg.layer, batch_size=cfg.batch_size,
+        )  # fmt: skip
+    layer = vs.layer if vs.layer is not None else default_concept_layer(n_layers)
     start, end = cfg.layers or [max(0, layer - 2), layer + 1]
-    if not 0 <= start < end <= lm.n_layers:
-        raise IntrospectError(f"layers: [{start}, {end}) is outside the model's {lm.n_layers}")
+    if not 0 <= start < end <= n_layers:
+        raise IntrospectError(f"layers: [{start}, {end}) is outside the model's {n_layers}")
     texts = read_resource("concepts.json")
-    norms = base_residual_norms(lm, texts["contexts"])
+    norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=texts["contexts"])
     scale = float(np.mean(norms[start:end]))
     magnitudes = {f: f * scale for f in cfg.magnitudes}
     trials = concept_trials(vs.names, (start, end), magnitudes, cfg.n_samples, texts, cfg.seed)
@@ -389,8 +403,9 @@ def run_concepts(
         sampling=Sampling.of(cfg),
         seed=cfg.seed,
         batch_size=cfg.batch_size,
+        system_prompt=cfg.system_prompt,
     )
-    judged = judge(trials.merge(answers, on="key"), Embedder(cfg.embedder))
+    judged = judge(trials.merge(answers, on="key"), embedder)
     metrics = concept_metrics(judged)
     label = model_label(cfg)
     plot(metrics, Path(out_dir) / "concepts.png", label)

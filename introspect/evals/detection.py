@@ -29,7 +29,14 @@ from introspect.data import (
     range_name,
 )
 from introspect.errors import IntrospectError
-from introspect.evals.common import ModelConfig, Progress, in_process, load_model
+from introspect.evals.common import (
+    ModelConfig,
+    Progress,
+    in_process,
+    load_model,
+    model_call,
+    model_dims,
+)
 from introspect.examples import examples_frame, score_examples, twin_rows, write_examples
 from introspect.io import write_json, write_text
 from introspect.metrics import detection_metrics
@@ -253,26 +260,21 @@ def run_detection(
 ) -> dict:
     """B1 end to end: trials, scores, metrics, plots, ``summary.md``; returns the metrics.
 
-    ``mapper`` scores the trials (as in :func:`evaluate_detection`); with one, the model is
-    loaded here only when relative magnitudes need its residual norms (or when ``lm`` is
-    given: then it is used for them)."""
+    ``mapper`` scores the trials (as in :func:`evaluate_detection`); with one, no model is
+    loaded here: relative magnitudes' residual norms are measured on the mapper's model."""
     from introspect.activations import base_residual_norms
-    from introspect.models import dims
     from introspect.vectors import load_vectors
 
     cfg = parse(DetectionEvalConfig, config)
-    if lm is None and (mapper is None or cfg.magnitude_mode == "relative"):
+    if lm is None and mapper is None:
         lm = load_model(cfg)
-    if lm is not None:
-        n_layers, d_model = lm.n_layers, lm.d_model
-    else:  # the mapper's hosts hold the model; the trials need only its shape
-        n_layers, d_model = dims(cfg.model)
+    n_layers, d_model = model_dims(cfg, lm)  # with a mapper: the trials need only the shape
     random_vs = load_vectors(cfg.vectors, d_model)
     concept_vs = load_vectors(cfg.concepts, d_model) if cfg.concepts else None
     texts = default_prompts()
     norms = None
     if cfg.magnitude_mode == "relative":
-        norms = base_residual_norms(lm, texts["context_prompts"])
+        norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=texts["context_prompts"])
     trials = detection_trials(
         n_layers,
         random_vs,
@@ -285,6 +287,7 @@ def run_detection(
         cfg.seed,
         texts,
     )
+    trials["system_prompt"] = cfg.system_prompt  # every trial's conversation starts with it
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
     scores, metrics = evaluate_detection(

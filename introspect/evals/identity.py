@@ -14,7 +14,7 @@ from typing import ClassVar
 import pandas as pd
 from pydantic import Field
 
-from introspect.config import parse
+from introspect.config import parse, with_system
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     FullRun,
@@ -51,7 +51,6 @@ class IdentityConfig(FullRun, ModelConfig):
     max_new_tokens: MaxNewTokens = Field(48, description="most tokens per response")
     temperature: Temperature = Field(0.7, description="sampling temperature (0 = greedy)")
     top_p: TopP = Field(0.9, description="nucleus sampling mass")
-    system_prompt: str | None = Field(None, description="system prompt (default: none)")
     seed: int = Field(0, description="sampling seed (each response's seed is derived from it)")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
 
@@ -86,9 +85,9 @@ def generate_responses(
     batch_size: int = 32,
 ) -> pd.DataFrame:
     """Per-shard function: ``key``, ``response``; each row's sample is seeded by its key."""
-    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     prompts = [
-        chat_ids(lm.tokenizer, [*system, {"role": "user", "content": q}]) for q in shard["question"]
+        chat_ids(lm.tokenizer, with_system([{"role": "user", "content": q}], system_prompt))
+        for q in shard["question"]
     ]
     seeds = [row_seed(seed, k) for k in shard["key"]]
     texts = generate(lm, prompts, sampling, seeds, batch_size=batch_size)

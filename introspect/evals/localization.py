@@ -40,6 +40,8 @@ from introspect.evals.common import (
     finish,
     fmt_rate,
     load_model,
+    model_call,
+    model_dims,
     model_label,
     rate,
     rate_bars,
@@ -176,7 +178,11 @@ def sentence_positions(
 
 
 def localization_prompts(
-    tokenizer, trials: pd.DataFrame, vectors: torch.Tensor, texts: dict | None = None
+    tokenizer,
+    trials: pd.DataFrame,
+    vectors: torch.Tensor,
+    texts: dict | None = None,
+    system_prompt: str | None = None,
 ) -> list[DetectionPrompt]:
     """One steered prompt per trial: the vector added to the chosen sentence's tokens only."""
     texts = texts or read_resource("localization.json")
@@ -188,6 +194,7 @@ def localization_prompts(
             context_prompt=" ".join(sentences),
             assistant_response=texts["reply"],
             detection_question=q["question"],
+            system_prompt=system_prompt,
             answer_tokens=tuple(q["answer_tokens"]),
         )
         prompt = build_prompt(tokenizer, example)
@@ -199,11 +206,15 @@ def localization_prompts(
 
 
 def score_localization(
-    lm: LoadedModel, shard: pd.DataFrame, vectors: torch.Tensor, batch_size: int = 16
+    lm: LoadedModel,
+    shard: pd.DataFrame,
+    vectors: torch.Tensor,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
 ) -> pd.DataFrame:
     """Per-shard function: ``key``, ``probs`` (the three answer probabilities), ``predicted``,
     ``answer_mass``."""
-    prompts = localization_prompts(lm.tokenizer, shard, vectors)
+    prompts = localization_prompts(lm.tokenizer, shard, vectors, system_prompt=system_prompt)
     probs, mass = score_choices(lm, prompts, batch_size)
     return pd.DataFrame(
         {
@@ -289,7 +300,7 @@ def plot(metrics: dict, path: Path, title: str) -> None:
 
 
 def evaluate_localization(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     cfg: LocalizationConfig,
     norms: list[float] | None = None,
     mapper=None,
@@ -297,16 +308,18 @@ def evaluate_localization(
 ) -> tuple[pd.DataFrame, dict]:
     """B7 on held-out vectors and the evaluation sentences: results table and metrics.
 
-    Norms are measured on ``lm`` (its base, adapter off) unless given; ``mapper`` and
+    Norms are measured on the base (adapter off) of ``lm``, else of the mapper's model, unless
+    given; ``mapper`` and
     ``progress`` (as in :func:`introspect.evals.common.suite_mapper`) run the scoring."""
     from introspect.activations import base_residual_norms
 
     texts = read_resource("localization.json")
-    vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
+    n_layers, d_model = model_dims(cfg, lm)
+    vs = default_vectors(d_model, cfg.vectors, cfg.model)
     if norms is None:
-        norms = base_residual_norms(lm, norm_contexts(texts))
+        norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=norm_contexts(texts))
     trials = localization_trials(
-        lm.n_layers,
+        n_layers,
         norms,
         range(vs.n_train, len(vs.vectors)),
         cfg.n_per_question,
@@ -317,7 +330,11 @@ def evaluate_localization(
         texts,
     )
     scores = suite_mapper(cfg, lm, mapper, progress)(
-        score_localization, trials, vectors=vs.vectors, batch_size=cfg.batch_size
+        score_localization,
+        trials,
+        vectors=vs.vectors,
+        batch_size=cfg.batch_size,
+        system_prompt=cfg.system_prompt,
     )
     results = trials.merge(scores, on="key")
     return results, localization_metrics(results)
@@ -333,7 +350,8 @@ def run_localization(
 ) -> dict:
     """Plan stage (B7, zero-shot or on a trained adapter): trials, scores, metrics, files."""
     cfg = parse(LocalizationConfig, config)
-    lm = lm or load_model(cfg)
+    if lm is None and mapper is None:
+        lm = load_model(cfg)
     results, per_question = evaluate_localization(lm, cfg, mapper=mapper, progress=progress)
     title = f"B7 localisation probes: {model_label(cfg)}"
     plot(per_question, Path(out_dir) / "localization.png", title)

@@ -10,6 +10,12 @@ By default B4 reads the small sample shipped in ``introspect/resources/evals/sel
 (23 tasks in this format, our own word lists, sentences and quiz questions, written by
 ``scripts/make_b4_sample.py``), so that it runs on a fresh clone. Binder et al.'s real test set
 is passed with ``binder_dir`` (``--binder-dir`` on the CLI), e.g. ``../shared/data/binder_test``.
+``binder_dir`` may also list several directories (in a plan or config); their task files are
+pooled, and a task name in two of them is an error. The 23 files in ``../shared/data`` lack
+Binder's two ethical-stance tasks; ``introspect/resources/evals/self_prediction_ethical/``
+(:data:`ETHICAL_DIR`, written by ``scripts/make_ethical_tasks.py``) ships our own stand-ins
+under Binder's names, ``survival_instinct_ethical_stance`` and ``myopic_reward_ethical_stance``,
+so both directories together give all 25 tasks.
 
 Property rules (lower-cased; the text stripped of surrounding whitespace and quotes):
 
@@ -20,8 +26,9 @@ Property rules (lower-cased; the text stripped of surrounding whitespace and quo
 * ``starts_with_vowel`` - "true"/"false": is the answer's first letter one of a, e, i, o, u.
 * ``among_a_or_c`` / ``among_b_or_d`` - "true"/"false": is the first stand-alone option letter
   A-D of the answer among the two.
-* any other property with ``option_matching_ethical_stance`` - "true"/"false": is the answer's
-  option letter that option.
+* ``ethical_stance`` (Binder's name), or any other property with
+  ``option_matching_ethical_stance`` - "true"/"false": is the answer's option letter that
+  option (the one showing the stance the task probes, e.g. resisting shutdown).
 
 True/false predictions take the first "true"/"false" (or "yes"/"no") in the hypothetical answer.
 An object-level answer without the property (too few words, no option letter) leaves its row out
@@ -40,9 +47,9 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from introspect.config import parse
+from introspect.config import parse, with_system
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     FullRun,
@@ -65,6 +72,8 @@ from introspect.models import LoadedModel
 DEFAULT_BINDER_DIR = Path(
     str(resources.files("introspect") / "resources" / "evals" / "self_prediction")
 )
+# Our two ethical-stance tasks, the ones ../shared/data/binder_test lacks.
+ETHICAL_DIR = DEFAULT_BINDER_DIR.with_name("self_prediction_ethical")
 FIELDS = ("object_level_prompt", "hypothetical_prompt", "behavioral_property")
 NTH = {"first": 0, "second": 1, "third": 2}
 BOOLEAN = ("starts_with_vowel", "among_a_or_c", "among_b_or_d")
@@ -77,10 +86,11 @@ class SelfPredictionConfig(FullRun, ModelConfig):
 
     FULL: ClassVar[dict] = {"n_per_task": 100}
 
-    binder_dir: str | None = Field(
+    binder_dir: str | list[str] | None = Field(
         None,
         description="directory of dataset_release JSONL files, e.g. Binder et al.'s test set "
-        "../shared/data/binder_test (default: the small shipped sample)",
+        "../shared/data/binder_test (default: the small shipped sample); a plan or config file "
+        "may give a list of directories, whose task files are pooled",
     )
     n_per_task: int = Field(2, ge=1, description="rows drawn from each task file")
     tasks: list[str] | None = Field(
@@ -88,6 +98,14 @@ class SelfPredictionConfig(FullRun, ModelConfig):
     )
     seed: int = Field(0, description="seed of the rows drawn")
     batch_size: int = Field(32, ge=1, description="prompts generated together")
+
+    @field_validator("binder_dir", mode="before")
+    @classmethod
+    def _one_or_more_dirs(cls, v):
+        many = isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+        if v is None or isinstance(v, str) or many:
+            return v
+        raise ValueError("expected a directory or a non-empty list of directories")
 
 
 def binder_dir(path: str | os.PathLike | None) -> Path:
@@ -99,6 +117,29 @@ def binder_dir(path: str | os.PathLike | None) -> Path:
             "dataset_release test files (--binder-dir)"
         )
     return d
+
+
+Dirs = str | os.PathLike | list[str | os.PathLike] | None
+
+
+def task_files(directories: Dirs, tasks: list[str] | None = None) -> list[Path]:
+    """The task files of one directory or several (sorted by task name), ``tasks`` only if
+    given; a task name found in two directories is an error."""
+    dirs = directories if isinstance(directories, list) else [directories]
+    found: dict[str, Path] = {}
+    for d in (binder_dir(x) for x in dirs):
+        for path in sorted(d.glob("*.jsonl")):
+            if path.stem in found:
+                raise IntrospectError(
+                    f"binder_dir: task {path.stem!r} is in both {found[path.stem].parent} and {d}"
+                )
+            found[path.stem] = path
+    if tasks:
+        unknown = sorted(set(tasks) - set(found))
+        if unknown:
+            where = ", ".join(str(binder_dir(x)) for x in dirs)
+            raise IntrospectError(f"tasks: {unknown[0]!r} is not a file in {where}")
+    return [found[t] for t in sorted(found) if not tasks or t in tasks]
 
 
 def read_task(path: Path) -> list[dict]:
@@ -133,22 +174,16 @@ def _known(prop: str) -> bool:
 
 
 def self_prediction_trials(
-    directory: str | os.PathLike | None,
+    directory: Dirs,
     n_per_task: int = 2,
     seed: int = 0,
     tasks: list[str] | None = None,
 ) -> pd.DataFrame:
-    """``n_per_task`` seeded rows of every task file: ``key`` (task:line), ``task``,
-    ``property``, ``ethical_option``, and the two prompts as JSON message lists."""
-    d = binder_dir(directory)
-    paths = sorted(d.glob("*.jsonl"))
-    if tasks:
-        unknown = sorted(set(tasks) - {p.stem for p in paths})
-        if unknown:
-            raise IntrospectError(f"tasks: {unknown[0]!r} is not a file in {d}")
-        paths = [p for p in paths if p.stem in tasks]
+    """``n_per_task`` seeded rows of every task file in ``directory`` (one or a list):
+    ``key`` (task:line), ``task``, ``property``, ``ethical_option``, and the two prompts as
+    JSON message lists."""
     out = []
-    for path in paths:
+    for path in task_files(directory, tasks):
         rows = read_task(path)
         rng = np.random.default_rng([seed, *path.stem.encode()])
         picks = sorted(rng.choice(len(rows), size=min(n_per_task, len(rows)), replace=False))
@@ -230,7 +265,7 @@ def _object_tokens(prop: str) -> int:
 
 
 def answer_self_prediction(
-    lm: LoadedModel, shard: pd.DataFrame, batch_size: int = 32
+    lm: LoadedModel, shard: pd.DataFrame, batch_size: int = 32, system_prompt: str | None = None
 ) -> pd.DataFrame:
     """Per-shard function: greedy ``object_response`` and ``hypothetical_response`` per key.
 
@@ -242,11 +277,17 @@ def answer_self_prediction(
     budgets = [_object_tokens(p) for p in shard["property"]]
     for budget in sorted(set(budgets)):
         idx = [i for i, b in enumerate(budgets) if b == budget]
-        prompts = [chat_ids(tok, json.loads(shard["object_prompt"].iloc[i])) for i in idx]
+        prompts = [
+            chat_ids(tok, with_system(json.loads(shard["object_prompt"].iloc[i]), system_prompt))
+            for i in idx
+        ]
         texts = generate(lm, prompts, Sampling(max_new_tokens=budget), batch_size=batch_size)
         for i, t in zip(idx, texts, strict=True):
             obj[i] = t
-    prompts = [chat_ids(tok, json.loads(m)) for m in shard["hypothetical_prompt"]]
+    prompts = [
+        chat_ids(tok, with_system(json.loads(m), system_prompt))
+        for m in shard["hypothetical_prompt"]
+    ]
     hyp = generate(lm, prompts, Sampling(max_new_tokens=6), batch_size=batch_size)
     return pd.DataFrame(
         {"key": shard["key"].to_numpy(), "object_response": obj, "hypothetical_response": hyp}
@@ -358,7 +399,9 @@ def run_self_prediction(
     cfg = parse(SelfPredictionConfig, config)
     trials = self_prediction_trials(cfg.binder_dir, cfg.n_per_task, cfg.seed, cfg.tasks)
     mapper = suite_mapper(cfg, lm, mapper, progress)
-    answers = mapper(answer_self_prediction, trials, batch_size=cfg.batch_size)
+    answers = mapper(
+        answer_self_prediction, trials, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt
+    )
     scored = score_rows(trials.merge(answers, on="key"))
     metrics = self_prediction_metrics(scored)
     label = model_label(cfg)

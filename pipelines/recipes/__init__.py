@@ -119,6 +119,7 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
         Recipe("vectors", "pipelines.recipes.vectors", "Make a steering vector set."),
+        Recipe("norms", "pipelines.recipes.norms", "A model's residual norm per layer."),
         Recipe("data", "pipelines.recipes.data", "Training data for one variant."),
         Recipe("score", "pipelines.recipes.score", "Steer-then-remove scoring of examples."),
         Recipe("baseline", "pipelines.recipes.baseline", "The base model's P(yes), steered."),

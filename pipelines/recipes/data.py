@@ -13,6 +13,9 @@ from introspect.data import DataConfig
 class Config(DataConfig, ModelChoice):
     vectors: str = Field(description="vector file (.safetensors) the steered rows draw from")
     prompts: str | None = Field(None, description="JSON overriding the shipped texts")
+    norms: str | None = Field(
+        None, description="relative: a norms stage's norms.json (default: measure them here)"
+    )
 
 
 def run(config: Config, out: Path, context) -> dict:
@@ -27,7 +30,11 @@ def run(config: Config, out: Path, context) -> dict:
     n_layers, d_model = models.dims(config.model)
     vs = load_vectors(config.vectors, d_model)
     norms = None
-    if config.magnitude_mode == "relative":
+    if config.magnitude_mode == "relative" and config.norms:
+        from pipelines.recipes.norms import read_norms
+
+        norms = read_norms(config.norms, config.model, n_layers)
+    elif config.magnitude_mode == "relative":
         lm = models.load(config.model, dtype=config.dtype)
         norms = residual_norms(lm, texts["context_prompts"])
     examples = make_examples(config, n_layers, vs, texts, norms)
