@@ -46,7 +46,9 @@ def shrunk(plan: dict, runs: Path) -> dict:
                 options.update(n_per_tier=4, batch_size=8)
             if s["suite"] == "self-prediction":
                 options["n_per_task"] = 1
-                options["binder_dir"] = [str((ROOT / d).resolve()) for d in options["binder_dir"]]
+                # The shared sample sits beside the repo when it is there; ours always does.
+                dirs = [(ROOT / d).resolve() for d in options["binder_dir"]]
+                options["binder_dir"] = [str(d) for d in dirs if d.is_dir()]
             if s["suite"] == "identity":
                 options.update(n_questions=2, n_samples=1, max_new_tokens=8)
             if s["suite"] == "calibration":
