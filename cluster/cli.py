@@ -60,6 +60,7 @@ app = LazyGroup(
     "introspect",
     help="A lab for training and measuring introspection in language models.",
     lazy={
+        "norms": _cmd("norms", "norms"),
         "data": _cmd("data", "data"),
         "score": _cmd("score", "score"),
         "baseline": _cmd("baseline", "baseline"),
@@ -71,7 +72,8 @@ app = LazyGroup(
         ),
         "train-localization": _cmd("train-localization", "localize"),
     },
-    commands=[vectors, evals, stance, engine.run, engine.report, engine.submit, engine.status],
+    commands=[vectors, evals, stance, engine.run, engine.check, engine.report, engine.submit,
+              engine.status],
 )  # fmt: skip
 
 

@@ -36,6 +36,7 @@ def run(plan: Path, address: str | None, runs_dir: Path | None, fail_fast: bool)
     if runs_dir is not None:
         p.runs_dir = str(runs_dir)
     _say(f"plan {p.name}: {len(p.stages)} stages on {connect(address)}")
+    _check_on_cluster(p)  # what cannot fit or be scheduled is refused before anything runs
     status = run_plan(p, progress=True, fail_fast=fail_fast)
     report = build_report(plan_root(p))
     failed = {k: s for k, s in status.items() if not s.ok}
@@ -46,6 +47,55 @@ def run(plan: Path, address: str | None, runs_dir: Path | None, fail_fast: bool)
         print(f"error: stages.{key}: {s.line or s}", file=sys.stderr)
     if failed:
         sys.exit(1)
+
+
+@click.command("check")
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option("--gpus", type=click.IntRange(min=0), default=0, help="GPUs of the cluster")
+@click.option("--gpu-memory", type=click.FloatRange(min=1), default=80.0, show_default=True,
+              help="GiB of memory per GPU (an A100 80GB: 80)")  # fmt: skip
+@click.option("--cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the cluster (default: this machine's, or 8 per GPU)")  # fmt: skip
+@click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=0.35, show_default=True,
+              help="model FLOPs utilisation assumed on the GPUs")  # fmt: skip
+@click.option("--gpu-tflops", type=click.FloatRange(min=1), default=312.0, show_default=True,
+              help="peak dense bf16 TFLOP/s of one GPU (A100: 312, H100 SXM: 989)")  # fmt: skip
+def check(plan: Path, gpus: int, gpu_memory: float, cpus: int | None, mfu: float,
+          gpu_tflops: float) -> None:  # fmt: skip
+    """Will every stage fit, and how long and how much? Loads no weights."""
+    import os
+
+    from pipelines.check import Device, check_plan, format_estimate
+    from pipelines.plan import load_plan
+
+    p = load_plan(plan)
+    cpus = cpus or (8 * gpus if gpus else os.cpu_count() or 1)
+    dev = Device(gpus=gpus, gpu_memory_gb=gpu_memory, cpus=cpus, mfu=mfu, gpu_tflops=gpu_tflops)
+    click.echo(format_estimate(check_plan(p, dev), p))
+
+
+def _check_on_cluster(p) -> None:
+    """``check`` with the connected cluster's resources, before anything runs; the GPUs'
+    memory is known where the driver sees a GPU (else only counts are checked)."""
+    import ray
+    import torch
+
+    from pipelines.check import Device, check_plan
+
+    res = ray.cluster_resources()
+    memory = float("inf")
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory / 1e9
+    dev = Device(gpus=int(res.get("GPU", 0)), gpu_memory_gb=memory, cpus=int(res.get("CPU", 1)))
+    try:
+        estimate = check_plan(p, dev)
+    except IntrospectError:
+        raise  # cannot fit or be scheduled: refused before anything runs
+    except Exception as e:  # noqa: BLE001 - an estimate that fails must not stop a run
+        _say(f"check: no estimate ({type(e).__name__}: {e})")
+        return
+    _say(f"estimate: {estimate.wall_s / 60:.0f} min wall, {estimate.device_hours:.2f} "
+         f"device-hours, ${estimate.usd:.2f} (introspect check for the table)")  # fmt: skip
 
 
 @click.command("report")

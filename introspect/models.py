@@ -200,12 +200,12 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
-def build_tiny_random(seed: int = 0, n_layers: int = TINY_LAYERS, d_model: int = TINY_D_MODEL):
-    """A small Llama with seeded random weights and SmolLM2's tokenizer, for tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(n_layers: int = TINY_LAYERS, d_model: int = TINY_D_MODEL, tokenizer=None):
+    """tiny-random's architecture: a small Llama over SmolLM2's tokenizer."""
+    from transformers import LlamaConfig
 
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(
+    tokenizer = tokenizer or smollm2_tokenizer()
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=2 * d_model,
@@ -218,6 +218,15 @@ def build_tiny_random(seed: int = 0, n_layers: int = TINY_LAYERS, d_model: int =
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_random(seed: int = 0, n_layers: int = TINY_LAYERS, d_model: int = TINY_D_MODEL):
+    """A small Llama with seeded random weights and SmolLM2's tokenizer, for tests."""
+
+    from transformers import LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    config = tiny_config(n_layers, d_model, tokenizer)
     fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)

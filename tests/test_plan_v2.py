@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 from introspect.io import load_yaml
 from pipelines.placement import unit_need
 from pipelines.plan import parse_plan
-from pipelines.runner import run_plan
+from pipelines.runner import pool_key, run_plan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -67,8 +67,9 @@ def shrunk(plan: dict, runs: Path) -> dict:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     loads = tmp_path_factory.mktemp("loads") / "loads.jsonl"
-    # v2's cpus_per_worker is 4: four nodes of one GPU and four CPUs each, and a CPU head.
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    # v2's cpus_per_worker is 4: four nodes of one GPU and four CPUs each, and a CPU head
+    # that holds three CPU stages at once (the data stages).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 12, "include_dashboard": False})
     for _ in range(4):
         c.add_node(num_cpus=4, num_gpus=1)
     env = {"INTROSPECT_LOAD_LOG": str(loads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -116,13 +117,22 @@ def test_v2_runs_end_to_end_and_every_model_load_holds_a_gpu(cluster, tmp_path):
     assert max(waits.values()) < 10, waits
     # The runner admits units by the GPUs they hold: never more than the cluster's four at
     # once, and all four in use at some moment (four trainings ran side by side here).
-    held = []
+    held, pools = [], {}
     for name, stage in plan.stages.items():
-        gpus = unit_need(plan, name, {"CPU": 20.0, "GPU": 4.0})["GPU"]
+        gpus = unit_need(plan, name, {"CPU": 28.0, "GPU": 4.0})["GPU"]
         pattern = f"{name}/*/*/timing.json" if stage.kind == "eval" else f"{name}/*/timing.json"
         for t in root.glob(pattern):
             timing = json.loads(t.read_text())
-            held += [(timing["started"], timing["ended"], gpus)] if gpus else []
+            if stage.kind == "eval" and stage.hosts:  # a shared pool holds its GPUs throughout
+                a, b, _ = pools.get(pool_key(plan, name), (timing["started"], 0, gpus))
+                pools[pool_key(plan, name)] = (
+                    min(a, timing["started"]),
+                    max(b, timing["ended"]),
+                    gpus,
+                )
+            elif gpus:
+                held.append((timing["started"], timing["ended"], gpus))
+    held += pools.values()
     moments = sorted({a for a, _, _ in held})
     in_use = [sum(g for a, b, g in held if a <= m < b) for m in moments]
     assert max(in_use) == 4, in_use

@@ -202,18 +202,13 @@ def test_an_error_of_ours_is_not_retried(tmp_path, files):
     """Ray Train retries every error max_failures times; a config error would fail every time,
     so it stops at once: the training worker starts once, not 1 + max_failures times."""
     d, _, _ = files
-    starts = tmp_path / "starts"
-    starts.mkdir()
-
-    def count_start():
-        (starts / str(os.getpid())).touch()
-
+    loads = tmp_path / "loads.jsonl"  # each worker start loads the model once
     config = quick(batch_size=400)  # more than the 48 training rows: refused in the worker
     bad = job(d, tmp_path, name="bad", config=config, max_failures=3,
-              worker_env={"worker_process_setup_hook": count_start})  # fmt: skip
+              worker_env={"env_vars": {"INTROSPECT_LOAD_LOG": str(loads)}})  # fmt: skip
     with pytest.raises(Exception, match="larger than the 48 training examples"):
         run_train_job(bad, tmp_path / "out")
-    assert len(list(starts.iterdir())) == 1
+    assert len(loads.read_text().splitlines()) == 1
 
 
 def test_only_a_lost_worker_is_retried(monkeypatch):
