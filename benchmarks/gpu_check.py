@@ -117,7 +117,7 @@ def check_training(lm: LoadedModel, steps: int, batch: int, peak_tflops: float |
     with tempfile.TemporaryDirectory() as d:
         wall, tokens, tp, ts, config = _train(lm, steps, batch, False, Path(d) / "run")
     shape = TrainShape(batch, tp, ts, 2 if lm.model.dtype == torch.bfloat16 else 4)
-    flops = steps * batch * train_flops(arch_of(lm), shape)
+    flops = steps * batch * train_flops(arch(lm.name), shape)
     out = {"tokens_per_s": tokens / wall, "steps": steps, "batch": batch, "wall_s": wall,
            "model_flops_per_s": flops / wall, "goal": ">= 40% MFU"}  # fmt: skip
     if peak_tflops:
@@ -126,17 +126,13 @@ def check_training(lm: LoadedModel, steps: int, batch: int, peak_tflops: float |
     return out
 
 
-def arch_of(lm: LoadedModel):
-    return arch(lm.name)
-
-
 def check_memory(lm: LoadedModel, batch: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         _, _, tp, ts, _ = _train(lm, 1, batch, True, Path(d) / "run")
     w = 2 if lm.model.dtype == torch.bfloat16 else 4
-    parts = train_memory(arch_of(lm), TrainShape(batch, tp, ts, w, checkpointing=True))
+    parts = train_memory(arch(lm.name), TrainShape(batch, tp, ts, w, checkpointing=True))
     estimate = on_gpu(parts) / GIB
     out = {"estimate_gib": estimate, "parts_gib": {k: v / GIB for k, v in parts.items()},
            "goal": "within 15% and under 80 GB"}  # fmt: skip
@@ -182,6 +178,8 @@ def check_zero3(name: str, use_gpu: bool, work: Path) -> dict:
 
 def check_model_host(model_dir: str, use_gpu: bool) -> dict:
     """A one-host pool's scores against the same model scored in this process."""
+    import ray
+
     from actors.model_host import host_pool
     from introspect.examples import score_examples
     from introspect.models import load
@@ -190,7 +188,7 @@ def check_model_host(model_dir: str, use_gpu: bool) -> dict:
     df, vs = examples(lm, 16)
     here = score_examples(lm, df, {"random": vs}, 8)
     with host_pool(model_dir, 1, num_cpus=1) as pool:
-        there = __import__("ray").get(pool[0].call.remote(score_examples, df, {"random": vs}, 8))
+        there = ray.get(pool[0].call.remote(score_examples, df, {"random": vs}, 8))
     diff = float((here["p_yes"] - there["p_yes"]).abs().max())
     return {"max_p_yes_difference": diff, "goal": "equal (<= 1e-3 in bf16, 1e-5 fp32)",
             "met": diff <= (1e-3 if use_gpu else 1e-5)}  # fmt: skip

@@ -33,7 +33,7 @@ from introspect.memory import (
     train_flops,
     train_memory,
 )
-from pipelines.placement import add, check_feasible, fits, unit_need
+from pipelines.placement import add, check_feasible, fits, loads_model, unit_need
 from pipelines.plan import Plan, stage_configs
 
 # Fixed costs, seconds (measured on this project's runs; stated in the output).
@@ -249,8 +249,7 @@ def _small_estimate(plan: Plan, name: str, config, dev: Device) -> StageEstimate
     need = unit_need(plan, name, _total(dev))
     seconds = TASK_START_S
     peak = None
-    if need["GPU"] or stage.kind in ("norms",) or (stage.kind == "vectors" and
-                                                   stage.type == "concepts"):  # fmt: skip
+    if loads_model(stage):
         w = _dtype_bytes(getattr(config, "dtype", None), gpu)
         a = arch(config.model)
         rows = getattr(config, "n", 20) * 8 if stage.kind == "vectors" else 40

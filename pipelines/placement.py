@@ -18,7 +18,7 @@ from pipelines.plan import Plan
 Need = dict[str, float]  # {"CPU": n, "GPU": n}
 
 
-def _loads_model(stage) -> bool:
+def loads_model(stage) -> bool:
     """Whether the stage's own task loads the model (a training's workers are counted apart)."""
     if stage.kind == "vectors":
         return stage.type == "concepts"
@@ -47,7 +47,7 @@ def unit_need(plan: Plan, name: str, total: Need | None = None) -> Need:
         return scale(worker, n)
     if stage.kind == "eval" and stage.hosts:
         return {"CPU": stage.hosts * cpus, "GPU": float(stage.hosts) if gpu else 0.0}
-    loads = _loads_model(stage)
+    loads = loads_model(stage)
     return {"CPU": cpus, "GPU": 1.0 if gpu and loads else 0.0}
 
 
