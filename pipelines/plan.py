@@ -41,6 +41,7 @@ from pipelines.recipes import norms as norms_recipe
 from pipelines.recipes import vectors as vectors_recipe
 from pipelines.recipes.train import Preset, overrides_config
 from pipelines.sweep import SweepSettings
+from pipelines.tracking import Tracking
 
 BASE = "base"  # the untrained model in an eval's `models` list
 
@@ -153,6 +154,7 @@ class Plan(Config):
     storage: str | None = Field(None, description="Ray Train storage (default runs/<plan>/ray)")
     resources: Resources = Resources()
     cost: Cost = Cost()
+    tracking: Tracking | None = Field(None, description="experiment tracking (MLflow)")
     stages: dict[str, Stage]
 
     def stage_model(self, name: str) -> str:

@@ -54,6 +54,10 @@ def run_stage(
     if kind == "train":  # the stage's summary and plot sit beside its run directory
         for f in ("summary.md", "curves.png"):
             shutil.move(str(target / f), str(out / f))
+    if plan.tracking is not None:
+        from pipelines.tracking import track_unit
+
+        track_unit(plan.tracking, plan.name, name, part, kind, config, target, metrics)
     if kind == "vectors":
         (out / "summary.md").write_text(
             f"### Vectors `{name}`\n\n{metrics['n']} {metrics['kind']} vectors, d_model "

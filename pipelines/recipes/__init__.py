@@ -126,6 +126,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("train", "pipelines.recipes.train", "Detection finetuning (LoRA or full)."),
         Recipe("sweep", "pipelines.recipes.sweep", "LoRA rank × learning rate on Ray Tune."),
         Recipe("localize", "pipelines.recipes.localize", "Phase C: localisation training."),
+        Recipe("export", "pipelines.recipes.export", "A Hub-ready folder + model card of a run."),
         _suite("detection", "B1: detection accuracy, TPR, FPR, d′, AUROC per tier."),
         _suite("behavioral", "B2: P(yes) on questions about the model itself."),
         _suite("identity", "B3: open identity questions, stance patterns."),
