@@ -31,15 +31,18 @@ def heatmap(
     center: float | None = None,
     fmt: str = "{:+.2f}",
     labels: pd.DataFrame | None = None,
+    span: float | None = None,
 ) -> None:
     """A labelled heatmap of a pivot table, each cell annotated with its value.
 
     ``labels`` (same shape as ``pivot``) replaces the cell text; otherwise ``fmt`` of the value.
+    With ``center``, the colour scale is ``center ± span`` (default: the largest deviation),
+    so a bounded value (an accuracy: 0.5 ± 0.5) keeps its scale whatever the cells hold.
     """
     values = pivot.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(1.4 * values.shape[1] + 2.5, 0.8 * values.shape[0] + 1.8))
     if center is not None:
-        span = np.nanmax(np.abs(values - center)) or 1.0
+        span = span or np.nanmax(np.abs(values - center)) or 1.0
         im = ax.imshow(values, cmap="RdBu_r", vmin=center - span, vmax=center + span)
     else:
         im = ax.imshow(values, cmap="viridis")
@@ -106,6 +109,7 @@ def range_magnitude_heatmap(
     title: str,
     center: float | None = None,
     fmt: str = "{:.2f}",
+    span: float | None = None,
 ) -> None:
     """Layer range × magnitude heatmap of ``cells[value]``.
 
@@ -131,4 +135,5 @@ def range_magnitude_heatmap(
         ylabel="layer range",
         center=center,
         labels=labels.fillna(""),
+        span=span,
     )

@@ -260,18 +260,44 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
     return table
 
 
+def _slug(text: str, seen: set[str]) -> str:
+    """A heading's anchor: lower-case words joined by '-', numbered when repeated."""
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+    slug, n = base, 1
+    while slug in seen:
+        n += 1
+        slug = f"{base}-{n}"
+    seen.add(slug)
+    return slug
+
+
 def to_html(markdown: str, title: str) -> str:
-    """Standalone HTML for the Markdown report (tables and images included)."""
+    """Standalone HTML for the Markdown report (tables and images included), every heading
+    with an anchor and the sections listed at the top: the report is long."""
+    from html import escape
+
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(markdown)
+    seen: set[str] = set()
+    contents = []
+    for tok, inline in zip(tokens, tokens[1:], strict=False):
+        if tok.type != "heading_open":
+            continue
+        text = "".join(c.content for c in inline.children or [] if c.type != "softbreak")
+        tok.attrSet("id", _slug(text, seen))
+        if tok.tag == "h2":
+            contents.append(f"<li><a href='#{tok.attrGet('id')}'>{escape(text)}</a></li>")
+    body = md.renderer.render(tokens, md.options, {})
+    nav = f"<nav><ul>{''.join(contents)}</ul></nav>" if contents else ""
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
         "td,th{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}"
-        "img{max-width:49%;vertical-align:top}"
+        "img{max-width:49%;vertical-align:top}nav ul{columns:2;font-size:14px}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{style}</style></head><body>{body}</body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f"<style>{style}</style></head><body>{nav}{body}</body></html>\n"
     )

@@ -2,13 +2,9 @@
 MLflowLoggerCallback, and the values read back equal the run's own files."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 mlflow = pytest.importorskip("mlflow")  # the `tracking` extra (mlflow-skinny)
 
@@ -105,62 +101,3 @@ def test_the_plan_block_is_checked_like_the_rest(tmp_path):
     mlflow_block = {"tracking_uri": "file:///m", "experiment": "e", "experimnt": "f"}
     with pytest.raises(IntrospectError, match=r"^plan: tracking\.mlflow\.experimnt: unknown key"):
         parse_plan({**plan, "tracking": {"mlflow": mlflow_block}})
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_plan_logs_its_training_and_eval(tmp_path):
-    """Vectors, data, one training and B1 on tiny-random, with tracking on, run by the CLI.
-    The finished training is exported too: the card of a real plan stage (test_export.py
-    builds its plan layouts by hand)."""
-    tracking = store(tmp_path)
-    plan = {
-        "name": "tracked",
-        "model": "tiny-random",
-        "resources": {"cpus_per_worker": 1},
-        "tracking": tracking.model_dump(),
-        "stages": {
-            "random": {"kind": "vectors", "type": "random", "n": 20, "n_train": 10},
-            "data": {"kind": "data", "vectors": "random", "n": 32, "magnitudes": [8.0],
-                     "magnitude_mode": "absolute"},
-            "orig": {"kind": "train", "preset": "original", "data": "data",
-                     "overrides": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1,
-                                   "eval_every": 2, "save_every": 2}},
-            "b1": {"kind": "eval", "suite": "detection", "models": ["orig"], "vectors": ["random"],
-                   "options": {"n_per_tier": 4, "magnitudes": [8.0], "magnitude_mode": "absolute"}},
-        },
-    }  # fmt: skip
-    path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "cluster.cli", "run", str(path), "--runs-dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    root = tmp_path / "tracked"
-    hashes = json.loads((root / "stages.json").read_text())
-    log = [json.loads(x) for x in (root / "orig" / hashes["orig"] / "run" / "log.jsonl").open()]
-    b1 = json.loads((root / "b1" / hashes["b1"] / "orig" / "metrics.json").read_text())
-    found, client = runs(tracking)
-    assert set(found) == {"tracked/orig", "tracked/b1/orig"}
-    train = found["tracked/orig"]
-    assert history(client, train, "loss") == [(x["step"], x["loss"]) for x in log]
-    assert history(client, train, "val_accuracy") == [
-        (x["step"], x["val_accuracy"]) for x in log if "val_accuracy" in x
-    ]
-    held = b1["tiers"]["held_out"]
-    assert found["tracked/b1/orig"].data.metrics["tiers/held_out/accuracy"] == held["accuracy"]
-    assert found["tracked/b1/orig"].data.metrics["tiers/held_out/auroc"] == held["auroc"]
-
-    # The same training, exported: B1 found by itself, and a plan that rebuilds the same hashes.
-    from huggingface_hub import ModelCard
-
-    from introspect.export import export_run
-    from introspect.io import load_yaml
-    from pipelines.plan import stage_hashes
-
-    export_run(root / "orig" / hashes["orig"], tmp_path / "hub")
-    text = ModelCard.load(tmp_path / "hub" / "README.md").text
-    lo, hi = held["ci"]["accuracy"]
-    assert f"| orig | held_out | {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |" in text
-    again = parse_plan(load_yaml(tmp_path / "hub" / "reproduce" / "plan.yaml"))
-    assert stage_hashes(again) == hashes

@@ -225,6 +225,7 @@ def write_detection_eval(
             out / f"heatmap_{tier}.png",
             title=f"{tier}: accuracy by layer range × magnitude, {title}",
             center=0.5,
+            span=0.5,  # accuracy lies in [0, 1]
         )
     write_json(out / "metrics.json", metrics)
 
