@@ -28,6 +28,7 @@ def _say(text: str) -> None:
 def run(plan: Path, address: str | None, runs_dir: Path | None, fail_fast: bool) -> None:
     """Carry out a plan: every unfinished stage, then the report."""
     from cluster.connect import connect
+    from introspect.io import check_writable
     from introspect.report import build_report
     from pipelines.plan import load_plan
     from pipelines.runner import State, plan_root, run_plan
@@ -35,6 +36,7 @@ def run(plan: Path, address: str | None, runs_dir: Path | None, fail_fast: bool)
     p = load_plan(plan)  # every stage validated before Ray starts or anything is written
     if runs_dir is not None:
         p.runs_dir = str(runs_dir)
+    check_writable(plan_root(p), "runs_dir")  # read-only or full: said before Ray starts
     _say(f"plan {p.name}: {len(p.stages)} stages on {connect(address)}")
     _check_on_cluster(p)  # what cannot fit or be scheduled is refused before anything runs
     status = run_plan(p, progress=True, fail_fast=fail_fast)

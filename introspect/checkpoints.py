@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from introspect.errors import IntrospectError
 from introspect.io import write_json
+from introspect.manifest import damage, write_manifest
 
 COMPLETE = "COMPLETE"
 ZERO_TAG = "zero"  # the subdirectory of a checkpoint that holds DeepSpeed's per-worker shards
@@ -64,6 +66,7 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) ->
 
     def fill(tmp: Path) -> None:
         write(tmp)
+        write_manifest(tmp)
         (tmp / COMPLETE).write_text(str(step))
 
     return replace_dir(run_dir / "checkpoints" / f"step-{step:06d}", fill)
@@ -82,9 +85,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint with its completion marker (a half-written one is ignored)."""
+    """The newest checkpoint with its completion marker (a half-written one is ignored) whose
+    files still match its manifest. A damaged newer one (truncated by a copy or a full disk
+    after it was written) is passed over with one warning line, and the run resumes from the
+    one before; it is never deleted here."""
     done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / COMPLETE).exists())
-    return done[-1] if done else None
+    for path in reversed(done):
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"warning: checkpoint {path} is damaged ({problem}); passed over", file=sys.stderr)
+    return None
 
 
 def load_trainable(path: Path, model) -> None:

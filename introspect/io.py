@@ -44,6 +44,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def check_writable(path: str | os.PathLike, field: str) -> Path:
+    """Create directory ``path`` if needed and prove a file can be written into it; a
+    read-only, full or foreign directory is one line naming ``field``, before work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(bytes(4096))  # a page: a full disk refuses it
+        probe.unlink()
+    except OSError as e:
+        raise IntrospectError(f"{field}: cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """``data`` as indented JSON, atomically (non-JSON values such as paths as strings)."""
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")

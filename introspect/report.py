@@ -241,6 +241,8 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
                 "stage": key,
                 "state": state,
                 "wall s": round(t["wall_s"], 1),
+                # Tries lost with a worker or node and run again: by the runner, by Ray Train.
+                "retries": t.get("retries", 0) + t.get("restarts", 0),
                 "device": t["device"],
                 "device-hours": round(t["device_hours"], 4),
                 "USD": round(t["usd"], 4),
@@ -252,6 +254,7 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
             "stage": "total",
             "state": "",
             "wall s": round(table["wall s"].sum(), 1),
+            "retries": int(table["retries"].sum()),
             "device": "",
             "device-hours": round(table["device-hours"].sum(), 4),
             "USD": round(table["USD"].sum(), 4),

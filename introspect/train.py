@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from introspect.checkpoints import (
+    COMPLETE,
     export_model,
     latest_checkpoint,
     load_checkpoint,
@@ -356,7 +357,8 @@ def train_prompts(
         )
     run_dir = Path(run_dir)
     writer = rank == 0
-    if writer and not resume and (latest_checkpoint(run_dir) or (run_dir / "final").exists()):
+    held = any((run_dir / "checkpoints").glob(f"step-*/{COMPLETE}"))
+    if writer and not resume and (held or (run_dir / "final").exists()):
         raise IntrospectError(
             f"out: {run_dir} already holds a run; pass --resume or pick another --out"
         )
@@ -376,6 +378,11 @@ def train_prompts(
     step, best_acc, best_step = 0, -1.0, None
     log_path = run_dir / "log.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and held:
+        raise IntrospectError(
+            f"checkpoint: every checkpoint in {run_dir / 'checkpoints'} is damaged; delete that "
+            "directory to train from the start"
+        )
     if ckpt is not None:
         state = opt.load(ckpt)
         step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]

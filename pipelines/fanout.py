@@ -8,15 +8,24 @@ results are merged by key, so a retried shard can neither duplicate nor drop row
 
 A host that died is probed in the background: Ray restarts it (``max_restarts``) and, once it
 answers again, it rejoins the pool. A host that hangs without dying is not detected.
+
+With ``cache``, each merged shard is also written there (parquet, named by a digest of the
+function, the adapter, its arguments and the shard's rows), and a later fan-out over the same
+work reads it instead of running it: a stage the runner retries after losing its driver runs
+only the shards it had not finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pickle
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import ray
@@ -58,6 +67,7 @@ def fan_out(
     progress: bool = True,
     max_shard_retries: int = 3,
     revive_timeout_s: float = 120.0,
+    cache: str | os.PathLike | None = None,
     **kwargs,
 ) -> pd.DataFrame:
     """``fn(lm, shard, *args, **kwargs)`` over every shard of ``rows``, on a pool of ModelHosts.
@@ -68,13 +78,15 @@ def fan_out(
     restarted by Ray comes back with its constructor adapter. ``args``/``kwargs`` are put in the
     object store once and shared by all shards. A shard is tried at most
     ``1 + max_shard_retries`` times; when no host is left alive and none comes back within
-    ``revive_timeout_s`` the fan-out fails. Counts of shards and retries are in
-    ``result.attrs["fan_out"]``.
+    ``revive_timeout_s`` the fan-out fails. ``cache``: a directory where merged shards are kept
+    and found again (see the module's doc). Counts of shards, retries and shards read from the
+    cache are in ``result.attrs["fan_out"]``.
     """
     keys = [key] if isinstance(key, str) else list(key)
     hosts = list(hosts)
     _check(hosts, rows, keys, shard_size, max_shard_retries)
     shards = [rows.iloc[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    files = _shard_files(cache, fn, adapter, args, kwargs, shards)
     args = [ray.put(a) for a in args]  # top-level refs are resolved by Ray before the call
     kwargs = {k: ray.put(v) for k, v in kwargs.items()}
 
@@ -85,13 +97,16 @@ def fan_out(
         call = host.call_as.options(max_task_retries=0)  # we retry, on another host
         return call.remote(adapter, fn, shards[i], *args, **kwargs)
 
-    todo = deque(range(len(shards)))
+    results: dict[int, pd.DataFrame] = {
+        i: pd.read_parquet(f) for i, f in enumerate(files) if f is not None and f.exists()
+    }
+    todo = deque(i for i in range(len(shards)) if i not in results)
     idle = list(hosts)
     running: dict = {}  # ref -> (shard, host)
     probes: dict = {}  # ref -> host that died and may come back
     failures: Counter = Counter()
-    results: dict[int, pd.DataFrame] = {}
-    stats = {"shards": len(shards), "hosts": len(hosts), "retries": 0, "revived": 0}
+    stats = {"shards": len(shards), "hosts": len(hosts), "retries": 0, "revived": 0,
+             "cached": len(results)}  # fmt: skip
     with _progress(progress, len(shards), getattr(fn, "__name__", "fn")) as advance:
         while len(results) < len(shards):
             while todo and idle:
@@ -142,6 +157,8 @@ def fan_out(
                     raise IntrospectError(str(e.cause)) from None
                 raise
             results[i] = _in_key_order(out, shards[i], keys, i)
+            if files[i] is not None:
+                _keep(results[i], files[i])
             idle.append(host)
             advance(stats["retries"])
 
@@ -151,6 +168,34 @@ def fan_out(
         raise RuntimeError("fan_out: merged keys differ from the input keys (a bug in fan_out)")
     merged.attrs["fan_out"] = stats
     return merged
+
+
+def _shard_files(cache, fn, adapter, args, kwargs, shards) -> list[Path | None]:
+    """Where each shard's merged rows are kept in ``cache`` (None: no cache)."""
+    if cache is None:
+        return [None] * len(shards)
+    work = hashlib.sha256(
+        pickle.dumps((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+                      repr(adapter), args, kwargs))  # fmt: skip
+    )
+    out = []
+    for shard in shards:
+        h = work.copy()
+        h.update(pd.util.hash_pandas_object(shard, index=True).to_numpy().tobytes())
+        out.append(Path(cache) / f"{h.hexdigest()[:24]}.parquet")
+    return out
+
+
+def _keep(frame: pd.DataFrame, path: Path) -> None:
+    """Write one merged shard (atomically); a frame parquet cannot hold is just not kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        frame.to_parquet(tmp)
+        os.replace(tmp, path)
+    except (ValueError, TypeError, ImportError) as e:  # pyarrow's errors for odd columns
+        tmp.unlink(missing_ok=True)
+        log.info("shard not cached (%s): %s", path.name, e)
 
 
 def score_on_pool(
@@ -177,16 +222,19 @@ def pool_mapper(
     adapter: str | os.PathLike | None = None,
     shard_size: int = 64,
     progress: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> Callable:
     """An evaluation mapper over a pool: ``mapper(fn, rows, **opts)`` runs ``fn(lm, shard,
     **opts)`` on the hosts, keyed by the rows' ``key`` column, like the in-process mapper
     (``introspect.evals.common.in_process``). Every shard runs under ``adapter`` (a loaded name,
-    a LoRA directory, or None = the base), so one pool evaluates several adapters in turn."""
+    a LoRA directory, or None = the base), so one pool evaluates several adapters in turn.
+    ``cache``: where finished shards are kept for a retry (:func:`fan_out`)."""
 
     def mapper(fn: Callable, rows: pd.DataFrame, **opts) -> pd.DataFrame:
         out = fan_out(
-            hosts, fn, rows, "key", shard_size, adapter=adapter, progress=progress, **opts
-        )
+            hosts, fn, rows, "key", shard_size, adapter=adapter, progress=progress,
+            cache=cache, **opts,
+        )  # fmt: skip
         # The stats would ride along into the parquet files; the in-process mapper has none.
         log.info("fan-out %s: %s", getattr(fn, "__name__", "fn"), out.attrs.pop("fan_out"))
         return out

@@ -141,6 +141,18 @@ class Resources(Config):
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a lost worker")
 
 
+class Retry(Config):
+    lost: int = Field(
+        2,
+        ge=0,
+        description="times a unit runs again after it lost a Ray worker or node (a training "
+        "resumes from its last checkpoint; a pooled evaluation keeps its finished shards)",
+    )
+    backoff_s: float = Field(
+        10.0, ge=0, description="seconds before the first such retry, doubled for each next one"
+    )
+
+
 class Cost(Config):
     usd_per_gpu_hour: float = Field(0.0, ge=0, description="dollars per GPU-hour")
     usd_per_cpu_hour: float = Field(0.0, ge=0, description="dollars per CPU-hour")
@@ -154,6 +166,7 @@ class Plan(Config):
     storage: str | None = Field(None, description="Ray Train storage (default runs/<plan>/ray)")
     resources: Resources = Resources()
     cost: Cost = Cost()
+    retry: Retry = Field(Retry(), description="what the runner does when a unit lost its worker")
     tracking: Tracking | None = Field(None, description="experiment tracking (MLflow)")
     stages: dict[str, Stage]
 

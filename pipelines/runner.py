@@ -7,10 +7,16 @@ which live under the plan's storage and survive the interruption). Independent s
 side: training drivers take no CPU themselves (their workers hold the CPUs or GPUs), at most as
 many trainings as the cluster holds are started, and every other stage is a Ray task that asks
 for one CPU (or one GPU on a GPU plan), so the cluster's size sets the concurrency.
+
+A unit whose Ray worker or node was lost is run again, at most ``plan.retry.lost`` times after
+a doubling wait: a training resumes from its last checkpoint in storage, a pooled evaluation
+reads back the shards it had merged. Any other failure stops that unit at once, with its line.
+A finished unit whose files no longer match its manifest is reported, never reused or rewritten.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,9 +27,10 @@ import ray
 
 from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
-from introspect.io import write_json, write_text
+from introspect.io import check_writable, write_json, write_text
+from introspect.manifest import damage, write_manifest
 from pipelines import stages as S
-from pipelines.failures import failure_line
+from pipelines.failures import failure_line, is_lost
 from pipelines.placement import add, check_feasible, fits, unit_need
 from pipelines.plan import Plan, inputs, order, stage_hashes
 
@@ -105,27 +112,42 @@ def is_complete(path: Path) -> bool:
 
 
 def _execute(
-    plan: Plan, unit: StageRun, input_dirs: dict[str, Path], storage: str, pool=None
+    plan: Plan,
+    unit: StageRun,
+    input_dirs: dict[str, Path],
+    storage: str,
+    pool=None,
+    retries: int = 0,
 ) -> dict:
     """Run one unit into a temporary directory, then move it into place and mark it done.
 
-    ``pool``: the eval stage's host pool, when its models share one (``hosts: N``)."""
+    ``pool``: the eval stage's host pool, when its models share one (``hosts: N``).
+    ``retries``: how many earlier tries of this unit lost their worker (kept in timing.json).
+    The manifest, written last, lets a rerun tell damaged outputs from finished ones."""
     kind = plan.stages[unit.stage].kind
     timing: dict = {}
+    # Outside the temporary directory, which a failed try discards: kept until the unit is done.
+    shards = unit.out.with_name(f".shards-{unit.out.name}") if pool is not None else None
 
     def fill(tmp: Path) -> None:
         started = time.time()
-        metrics = S.run_stage(plan, unit.stage, unit.part, tmp, input_dirs, storage, pool)
+        metrics = S.run_stage(plan, unit.stage, unit.part, tmp, input_dirs, storage, pool, shards)
         ended = time.time()
         timing.update(_cost(plan, kind, metrics, started, ended, len(pool) if pool else 1))
         if pool is not None:  # a pool started only when its devices were free waits ~0 s
             timing["pool_wait_s"] = pool.wait_s
+        timing["retries"] = retries
+        if isinstance(metrics, dict) and metrics.get("restarts"):  # Ray Train's own restarts
+            timing["restarts"] = metrics["restarts"]
         write_json(tmp / "timing.json", timing)
         if not (tmp / "metrics.json").exists():
             write_json(tmp / "metrics.json", metrics)
+        write_manifest(tmp)
         (tmp / COMPLETE).write_text(str(ended))
 
     replace_dir(unit.out, fill)
+    if shards is not None:
+        shutil.rmtree(shards, ignore_errors=True)
     return timing
 
 
@@ -160,21 +182,27 @@ def _remote_options(plan: Plan, unit: StageRun) -> dict:
     return {"num_cpus": need["CPU"], "num_gpus": need["GPU"]}
 
 
-# Both remote functions return the failed units' lines by key ({} when all went well). The
-# line is made where the error happened: some errors (a failed Ray Train run's) cannot be
-# unpickled elsewhere, and would arrive as "Failed to deserialize exception".
+# Both remote functions return the failed units by key ({} when all went well): the one-line
+# error and whether a worker or node was lost (worth a retry). Both are made where the error
+# happened: some errors (a failed Ray Train run's) cannot be unpickled elsewhere, and would
+# arrive as "Failed to deserialize exception". The runner retries, not Ray (max_retries=0):
+# it knows which failures a retry can mend, and it counts them.
 @ray.remote(max_retries=0)
-def _execute_remote(plan_json: str, unit: StageRun, input_dirs: dict, storage: str) -> dict:
+def _execute_remote(
+    plan_json: str, unit: StageRun, input_dirs: dict, storage: str, retries: int
+) -> dict:
     plan = Plan.model_validate_json(plan_json)
     try:
-        _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage)
+        _execute(plan, unit, {k: Path(v) for k, v in input_dirs.items()}, storage, None, retries)
     except Exception as e:  # noqa: BLE001 - reported as the unit's line
-        return {unit.key: failure_line(e)}
+        return {unit.key: (failure_line(e), is_lost(e))}
     return {}
 
 
 @ray.remote(max_retries=0, num_cpus=0)  # a driver: the pool's hosts hold the resources
-def _execute_pooled(plan_json: str, units: list[StageRun], input_dirs: dict, storage: str, pool):
+def _execute_pooled(
+    plan_json: str, units: list[StageRun], input_dirs: dict, storage: str, pool, retries: dict
+):
     """The models of one eval stage in turn on the plan's host pool for its model; one failed
     model stops no other."""
     plan = Plan.model_validate_json(plan_json)
@@ -182,10 +210,18 @@ def _execute_pooled(plan_json: str, units: list[StageRun], input_dirs: dict, sto
     failed = {}
     for u in units:
         try:
-            _execute(plan, u, dirs, storage, pool)
+            _execute(plan, u, dirs, storage, pool, retries.get(u.key, 0))
         except Exception as e:  # noqa: BLE001 - reported per model, the rest go on
-            failed[u.key] = failure_line(e)
+            failed[u.key] = (failure_line(e), is_lost(e))
     return failed
+
+
+def retry_delay(plan: Plan, lost: bool, retries: int) -> float | None:
+    """Seconds to wait before running a failed unit again, or None to let it fail: only a
+    lost worker or node is retried, at most ``retry.lost`` times, each wait twice the last."""
+    if not lost or retries >= plan.retry.lost:
+        return None
+    return plan.retry.backoff_s * 2**retries
 
 
 def pool_key(plan: Plan, name: str) -> tuple:
@@ -197,11 +233,13 @@ def pool_key(plan: Plan, name: str) -> tuple:
 
 def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict[str, UnitStatus]:
     """Run every unfinished stage; return each unit's :class:`UnitStatus` by key."""
-    root = plan_root(plan).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    write_text(root / "plan.json", plan.model_dump_json(indent=2))
-    # Which hash of each stage this version of the plan uses (the report reads it).
-    write_json(root / "stages.json", stage_hashes(plan))
+    root = check_writable(plan_root(plan).resolve(), "runs_dir")
+    try:
+        write_text(root / "plan.json", plan.model_dump_json(indent=2))
+        # Which hash of each stage this version of the plan uses (the report reads it).
+        write_json(root / "stages.json", stage_hashes(plan))
+    except OSError as e:  # read-only, full, or not ours: before any stage starts
+        raise IntrospectError(f"runs_dir: cannot write {root}: {e.strerror or e}") from None
     storage = plan.storage or str(root / "ray")
     dirs = {k: v.resolve() for k, v in stage_dirs(plan).items()}
     todo = units(plan)
@@ -210,7 +248,16 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
     status: dict[str, UnitStatus] = {}
     for u in todo:
         if is_complete(u.out):
-            status[u.key] = UnitStatus(State.SKIPPED)
+            problem = damage(u.out)
+            status[u.key] = (
+                UnitStatus(State.SKIPPED)
+                if problem is None
+                else UnitStatus(
+                    State.FAILED,
+                    f"{u.out} is marked complete but {problem}: delete that directory to run "
+                    "the stage again (it is not overwritten)",
+                )
+            )
     stage_keys: dict[str, list[str]] = {}
     for u in todo:
         stage_keys.setdefault(u.stage, []).append(u.key)
@@ -241,12 +288,14 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
 
     running: dict[ray.ObjectRef, list[StageRun]] = {}
     started: dict[str, float] = {}
+    retries: dict[str, int] = {}  # units that lost a worker: how often so far
+    not_before: dict[str, float] = {}  # ... and when they may run again
     plan_json = plan.model_dump_json()
     view = _Progress(todo, status, started) if progress else None
     try:
         while True:
             for u in todo:
-                if u.key in status or u.key in started:
+                if u.key in status or u.key in started or not_before.get(u.key, 0) > time.time():
                     continue
                 if any(stage_failed(n) for n in u.needs):
                     status[u.key] = UnitStatus(State.BLOCKED)
@@ -271,6 +320,8 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                         for v in todo
                         if v.stage == u.stage
                         and v.key not in status
+                        and v.key not in started
+                        and not_before.get(v.key, 0) <= time.time()
                         and all(stage_done(n) for n in v.needs)
                     ]
                     key = pool_key(plan, u.stage)
@@ -283,7 +334,7 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                         pool_holding[key] = need
                         used, need = add(used, need), {}
                     ref = _execute_pooled.options(name=f"stage:{u.stage}").remote(
-                        plan_json, group, input_dirs, storage, pools[key]
+                        plan_json, group, input_dirs, storage, pools[key], retries
                     )
                 else:
                     group = [u]
@@ -291,7 +342,7 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
                     # runs where (`ray list tasks --filter name=stage:b1[base]`).
                     options = {"name": f"stage:{u.key}", **_remote_options(plan, u)}
                     ref = _execute_remote.options(**options).remote(
-                        plan_json, u, input_dirs, storage
+                        plan_json, u, input_dirs, storage, retries.get(u.key, 0)
                     )
                 holding[ref] = need
                 used = add(used, need)
@@ -300,23 +351,36 @@ def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict
             if view:
                 view.update()
             if not running:
-                break
+                if not [k for k in not_before if k not in status and k not in started]:
+                    break
+                time.sleep(0.5)  # only retries are left, waiting out their backoff
+                continue
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
                 group = running.pop(ref)
                 used = add(used, holding.pop(ref), -1.0)
                 try:
                     failed = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - reported per stage, the rest go on
-                    failed = dict.fromkeys((u.key for u in group), failure_line(e))
+                except Exception as e:  # noqa: BLE001 - the task itself died (its node, ...)
+                    failed = dict.fromkeys((u.key for u in group), (failure_line(e), is_lost(e)))
                 for u in group:
-                    status[u.key] = (
-                        UnitStatus(State.FAILED, failed[u.key])
-                        if u.key in failed
-                        else UnitStatus(State.DONE)
-                    )
-                    if fail_fast and u.key in failed:
-                        raise IntrospectError(f"stages.{u.key}: {failed[u.key]}") from None
+                    if u.key not in failed:
+                        status[u.key] = UnitStatus(State.DONE)
+                        continue
+                    line, lost = failed[u.key]
+                    n = retries.get(u.key, 0)
+                    wait = retry_delay(plan, lost, n)
+                    if wait is not None:
+                        retries[u.key], not_before[u.key] = n + 1, time.time() + wait
+                        del started[u.key]
+                        print(f"stages.{u.key}: {line}; retry {n + 1} of {plan.retry.lost} in "
+                              f"{wait:g} s", file=sys.stderr)  # fmt: skip
+                        continue
+                    if lost and n:
+                        line = f"{line} (lost {n + 1} times)"
+                    status[u.key] = UnitStatus(State.FAILED, line)
+                    if fail_fast:
+                        raise IntrospectError(f"stages.{u.key}: {line}") from None
             for key in [k for k in pools if not any(
                 plan.stages[v.stage].kind == "eval" and plan.stages[v.stage].hosts
                 and pool_key(plan, v.stage) == k and v.key not in status for v in todo

@@ -19,10 +19,12 @@ def run_stage(
     inputs: dict[str, Path],
     storage: str,
     pool=None,
+    shards: Path | None = None,
 ) -> dict:
     """Run one unit of a stage into ``out`` (a fresh directory); returns its metrics.
 
-    ``pool``: the eval stage's model hosts, when its models share one (``hosts: N``)."""
+    ``pool``: the eval stage's model hosts, when its models share one (``hosts: N``).
+    ``shards``: where a pooled evaluation keeps its finished shards across retries."""
     stage = plan.stages[name]
     [(_, kind, config)] = stage_configs(plan, name, inputs, part)
     context = Context(name=name)
@@ -44,7 +46,7 @@ def run_stage(
         from pipelines.fanout import pool_adapter, pool_mapper
 
         context.mapper = pool_mapper(
-            pool, pool_adapter(config.model, config.adapter), progress=False
+            pool, pool_adapter(config.model, config.adapter), progress=False, cache=shards
         )
     try:
         metrics = run_recipe(kind, config, target, context)

@@ -17,7 +17,7 @@ from introspect.evals.generation import Sampling, generate
 from introspect.examples import score_examples
 from introspect.logprobs import continuation_logprobs
 from introspect.vectors import VectorSet, random_vectors, save_vectors
-from pipelines.fanout import fan_out, score_on_pool
+from pipelines.fanout import AS_IS, fan_out, score_on_pool
 
 pytestmark = pytest.mark.ray
 
@@ -199,3 +199,23 @@ def test_host_pool_errors(pool):
         host_pool("tiny-random", n=5, num_cpus=0.5)
     with pytest.raises(IntrospectError, match="model: cannot load 'no-such-model'"):
         host_pool("no-such-model", n=1, num_cpus=0.5)
+
+
+def test_fan_out_keeps_merged_shards_and_a_retry_runs_only_the_rest(pool, trials, tmp_path):
+    """What the runner relies on when it retries a pooled evaluation: the shards a lost try
+    merged are read back, the missing ones run, and the rows equal an uncached fan-out."""
+    args = (pool, score_examples, trials, "trial", 5, SETS)
+    plain = fan_out(*args, adapter=None, progress=False)
+    first = fan_out(*args, adapter=None, progress=False, cache=tmp_path)
+    kept = sorted(tmp_path.glob("*.parquet"))
+    assert len(kept) == first.attrs["fan_out"]["shards"] and first.attrs["fan_out"]["cached"] == 0
+    for f in kept[::2]:  # as if the try was lost with these shards not yet merged
+        f.unlink()
+    again = fan_out(*args, adapter=None, progress=False, cache=tmp_path)
+    assert again.attrs["fan_out"]["cached"] == len(kept) - len(kept[::2])
+    for out in (first, again):
+        pd.testing.assert_frame_equal(out, plain, check_exact=False, atol=1e-6)
+    # Other work (another adapter, other arguments) never reads these shards.
+    other = fan_out(pool, score_examples, trials, "trial", 5, {**SETS}, adapter=AS_IS,
+                    progress=False, cache=tmp_path)  # fmt: skip
+    assert other.attrs["fan_out"]["cached"] == 0

@@ -186,12 +186,33 @@ def test_presets_and_overrides():
         preset("original", method="qlora")
 
 
-def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data):
+def test_a_damaged_checkpoint_is_passed_over_and_the_run_ends_the_same(tmp_path, data, capsys):
+    """A checkpoint cut short after it was written (a copy to storage, a full disk): the run
+    resumes from the one before, with one warning line, and ends as an uninterrupted run."""
+    cfg = quick(max_steps=8)
+    train(fresh(), *data, {"random": VS}, cfg, tmp_path / "clean")
+    train(fresh(), *data, {"random": VS}, cfg, tmp_path / "run")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step-000008"
+    state = (ckpt / "state.pt").read_bytes()
+    (ckpt / "state.pt").write_bytes(state[: len(state) // 2])
+    capsys.readouterr()
+    assert latest_checkpoint(tmp_path / "run").name == "step-000004"
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "step-000008 is damaged (state.pt has" in warning[0]
+    (tmp_path / "run" / "final").rename(tmp_path / "run" / "old-final")
+    train(fresh(), *data, {"random": VS}, cfg, tmp_path / "run", resume=True)
+    a, b = adapter(tmp_path / "clean"), adapter(tmp_path / "run")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_when_every_checkpoint_is_damaged_resume_says_so(tmp_path, data):
     train(fresh(), *data, {"random": VS}, quick(max_steps=4), tmp_path / "run")
     ckpt = latest_checkpoint(tmp_path / "run")
     (ckpt / "trainable.safetensors").write_bytes(b"garbage")
     (tmp_path / "run" / "final").rename(tmp_path / "run" / "old-final")
-    with pytest.raises(IntrospectError, match=r"checkpoint: .*step-000004 cannot be read"):
+    with pytest.raises(IntrospectError, match=r"checkpoint: every checkpoint in .* is damaged"):
         train(fresh(), *data, {"random": VS}, quick(max_steps=8), tmp_path / "run", resume=True)
 
 

@@ -1,0 +1,71 @@
+"""What a finished directory held when it was finished, so later damage is told from results.
+
+A stage's outputs and a training checkpoint are written under a temporary name and renamed
+when complete (:func:`introspect.checkpoints.replace_dir`), so a crash never leaves half a
+directory under the final name. What that cannot catch is damage afterwards: a copy to or from
+storage cut short, a full disk on a later rewrite, a file edited by hand. ``MANIFEST.json``
+lists every file's size and, below ``HASHED_BYTES``, its SHA-256; :func:`damage` names the
+first file that no longer matches. Directories written before manifests existed have none and
+are trusted as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from introspect.io import write_json
+
+MANIFEST = "MANIFEST.json"
+# Larger files (a full model's weights) are checked by size only: hashing 64 GB of a 32B export
+# on every rerun would cost a minute per stage.
+HASHED_BYTES = 256 * 2**20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry(path: Path) -> dict:
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None}
+
+
+def write_manifest(directory: Path, skip: tuple[str, ...] = ()) -> dict:
+    """List every file under ``directory`` (but ``skip``, names at its top) in its manifest."""
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): _entry(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] not in skip
+    }
+    write_json(directory / MANIFEST, {"files": files})
+    return files
+
+
+def damage(directory: Path) -> str | None:
+    """The first way ``directory`` differs from its manifest, in words; None when it matches
+    (or has no manifest)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} cannot be read"
+    for name, was in files.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != was["bytes"]:
+            return f"{name} has {size} bytes, {was['bytes']} when it was written"
+        if was.get("sha256") and _sha256(f) != was["sha256"]:
+            return f"{name} changed since it was written (SHA-256 differs)"
+    return None
