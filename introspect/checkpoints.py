@@ -66,7 +66,10 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) ->
 
     def fill(tmp: Path) -> None:
         write(tmp)
-        write_manifest(tmp)
+        # A ZeRO-3 checkpoint is every worker's step-N merged in storage, and each worker
+        # restores only its own shard from it: no one worker's list of files holds there.
+        if not (tmp / ZERO_TAG).exists():
+            write_manifest(tmp)
         (tmp / COMPLETE).write_text(str(step))
 
     return replace_dir(run_dir / "checkpoints" / f"step-{step:06d}", fill)

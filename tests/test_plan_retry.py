@@ -48,16 +48,21 @@ def local_ray():
     ray.shutdown()
 
 
-def kill_task(title: str, stop: threading.Event) -> list[int]:
-    """SIGKILL the first process Ray titled ``ray::<title>`` (the task's worker), once."""
+def kill_task(name: str, stop: threading.Event) -> list[int]:
+    """SIGKILL the first process of this test's Ray titled ``ray::<title>`` (the task's
+    worker), once; Ray's processes descend from this one, other tests' do not."""
     killed: list[int] = []
 
     def watch():
         while not stop.is_set() and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if (proc.info["cmdline"] or [""])[0].startswith(f"ray::{title}"):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    title = (proc.cmdline() or [""])[0]
+                except psutil.Error:
+                    continue
+                if title.startswith(f"ray::{name}"):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
                     return
             time.sleep(0.05)
 

@@ -125,47 +125,29 @@ def test_the_plan_submitted_with_introspect_submit_succeeds_and_its_report_comes
     assert "## B1 detection across models" in text
 
 
-LOST = "was lost; run the plan again: finished stages are skipped"  # pipelines/runner.py
-
-
-def test_a_worker_lost_mid_plan_fails_stages_clearly_and_a_resubmit_finishes_the_rest(cluster):
+def test_a_worker_lost_mid_plan_is_retried_and_the_plan_completes_without_a_resubmit(cluster):
     """The worker's Ray is killed (`ray stop --force` in its namespace) as soon as a stage of a
     plan submitted with `introspect submit` runs there. The plan is tiny.yaml plus five stages
     (harness.loss_plan); tiny.yaml's own stages were finished by the test above.
 
-    Either the plan still succeeds, or it fails naming each stage the lost node took with it
-    (a stage that ran there, or a training whose data or workers were there), and once the
-    worker is back a resubmission runs only those and what waited on them.
+    The runner retries each unit the lost node took with it (plan.retry: 2 more tries after
+    10 s and 20 s), on the head or on the worker once it is back, so the job succeeds and no
+    resubmission is needed; the retries are counted in the units' timing.json.
     """
     out = cluster.plan_worker_loss()
     for key in ("killed_after_submit_s", "job_s_after_kill", "worker_back_s"):
         TIMINGS[f"loss_{key}"] = out[key]
-    if "resubmit" in out:
-        TIMINGS["loss_resubmit_s"] = out["resubmit"]["s"]
-    print("\nworker loss mid-plan:", json.dumps(out))
+    root = cluster.plan_dir("tiny")
+    retries = {str(t.parent.relative_to(root)): json.loads(t.read_text()).get("retries", 0)
+               for t in root.glob("**/timing.json")}
+    out["retries"] = {k: v for k, v in retries.items() if v}
+    TIMINGS["loss_units_retried"] = len(out["retries"])
+    print("\nworker loss mid-plan:", json.dumps({k: v for k, v in out.items() if k != "record"}))
     assert out["on_worker_at_kill"]["stages"] or out["on_worker_at_kill"]["train_workers"]
+    assert out["status"] == "SUCCEEDED", out
+    assert "resubmit" not in out
     units = out["units"]
-    assert units is not None, out  # the runner on the head wrote its status.json
-    if out["status"] == "SUCCEEDED":
-        assert set(units.values()) <= {"done", "skipped"}, units
-    else:
-        assert out["status"] == "FAILED", out
-        failed = {k for k, v in units.items() if v.startswith("failed")}
-        blocked = {k for k, v in units.items() if v.startswith("blocked")}
-        assert failed, units
-        # Every failure is one the lost node caused, and says so and what to do.
-        for key in failed:
-            assert LOST in units[key], units[key]
-            assert any(e.startswith(f"error: stages.{key}: ") and LOST in e
-                       for e in out["errors"]), out["errors"]
-        # The resubmission completes, runs only what had not finished, and redoes nothing.
-        again = out["resubmit"]
-        assert again["rc"] == 0 and again["units"] is not None, again
-        finished = {k for k, v in units.items() if v in ("done", "skipped")}
-        assert {k for k, v in again["units"].items() if v == "skipped"} == finished, again
-        assert {k for k, v in again["units"].items() if v == "done"} == failed | blocked, again
-        before, after = out["marks_before_resubmit"], out["marks_after_resubmit"]
-        assert all(after[p] == t for p, t in before.items()), (before, after)
+    assert units is not None and set(units.values()) <= {"done", "skipped"}, units
     local = cluster.work / "report-loss.md"
     cluster.rsync_down("~/introspect-runs/tiny/report.md", local)
     text = local.read_text()
