@@ -498,7 +498,8 @@ class Harness:
         t0 = time.time()
         job_id = self.job_id(self.submit_plan(plan, wait=False))
         # As soon as a stage's task runs on the worker, or a Ray Train worker lives there.
-        on_worker = self.probe("watch", DASHBOARD, job_id, WORKER_IP, "300", timeout=360)
+        # A Ray Train worker there is preferred for 120 s: a kill lands mid-training.
+        on_worker = self.probe("watch", DASHBOARD, job_id, WORKER_IP, "300", "120", timeout=360)
         killed = self.kill_ray("worker")
         t = time.time()
         out = {"job": job_id, "killed_after_submit_s": round(t - t0, 1),
@@ -613,15 +614,16 @@ def loss_plan(base: dict) -> dict:
     """The plan the worker-loss test submits: tiny.yaml as it is, plus five stages.
 
     Run after tiny.yaml itself, tiny.yaml's stages are skipped (same name, same hashes) and
-    four new ones start at once on its finished stages: two trainings (9 steps instead of 6)
+    four new ones start at once on its finished stages: two trainings (60 steps instead of 6)
     and two data stages (another seed). That is four CPUs' worth of work, more than the head
     has (2 on the test machine), so Ray puts some of it on the worker. B1 then evaluates the
     two new trainings.
     """
     plan = copy.deepcopy(base)
     s = plan["stages"]
-    for train in ("original", "food-control"):
-        s[f"{train}-b"] = {**s[train], "overrides": {**s[train]["overrides"], "max_steps": 9}}
+    for train in ("original", "food-control"):  # long enough for a kill to land mid-run
+        longer = {"max_steps": 60, "eval_every": 20, "save_every": 10}
+        s[f"{train}-b"] = {**s[train], "overrides": {**s[train]["overrides"], **longer}}
     for data in ("data", "data-food"):
         s[f"{data}-b"] = {**s[data], "seed": 1}
     s["b1-b"] = {**s["b1"], "models": ["original-b", "food-control-b"]}

@@ -3,9 +3,11 @@
 The cluster harness runs this on the laptop with RAY_AUTH_MODE=token (the API wants the token).
 The plan runner names each stage's Ray task `stage:<unit>` (e.g. `stage:b1-b[base]`).
 
-    state_probe.py watch ADDRESS SUBMISSION_ID NODE_IP TIMEOUT
+    state_probe.py watch ADDRESS SUBMISSION_ID NODE_IP TIMEOUT [PREFER_TRAIN_S]
         Wait until a stage of the job runs on the node at NODE_IP: a `stage:` task running
-        there, or a Ray Train worker alive there. Print one JSON line (those stages, and every
+        there, or a Ray Train worker alive there. With PREFER_TRAIN_S, for that many seconds
+        only a Ray Train worker there counts (a training lasts long enough for a kill to land
+        mid-run; a data stage is over in a second). Print one JSON line (those stages, and every
         actor alive there) and exit 0; exit 1 after TIMEOUT seconds.
     state_probe.py record ADDRESS SUBMISSION_ID
         Print one JSON line: every attempt of every `stage:` task of the job and every Ray Train
@@ -34,7 +36,8 @@ def ray_job_id(address: str, submission_id: str, timeout: float = 120) -> str:
     raise SystemExit(f"job {submission_id} started no driver in {timeout:.0f} s")
 
 
-def watch(address: str, submission_id: str, node_ip: str, timeout: float) -> None:
+def watch(address: str, submission_id: str, node_ip: str, timeout: float,
+          prefer_train_s: float = 0.0) -> None:
     t0 = time.time()
     job = ray_job_id(address, submission_id)
     nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")])
@@ -51,7 +54,7 @@ def watch(address: str, submission_id: str, node_ip: str, timeout: float) -> Non
         workers = list_actors(address=address, filters=[*on_node, ("state", "=", "ALIVE"),
                                                         ("class_name", "=", TRAIN_WORKER)],
                               raise_on_missing_output=False)
-        if stages or workers:
+        if workers or (stages and time.time() - t0 >= prefer_train_s):
             # Every actor living there, of any job: Ray Data's cluster-wide helpers (detached,
             # pinned to the node of the first Ray Data user) may be among them.
             actors = list_actors(address=address, filters=[("node_id", "=", node),
@@ -88,6 +91,7 @@ def record(address: str, submission_id: str) -> None:
 if __name__ == "__main__":
     action, address, submission = sys.argv[1:4]
     if action == "watch":
-        watch(address, submission, sys.argv[4], float(sys.argv[5]))
+        prefer_train_s = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
+        watch(address, submission, sys.argv[4], float(sys.argv[5]), prefer_train_s)
     else:
         record(address, submission)

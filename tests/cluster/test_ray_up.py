@@ -14,6 +14,7 @@ cores, over this test's time budget; INTROSPECT_CLUSTER_PLAN=plans/quickstart.ya
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 # tests/cluster has no __init__.py, so pytest puts it on sys.path: harness.py is a module.
@@ -144,6 +145,9 @@ def test_a_worker_lost_mid_plan_is_retried_and_the_plan_completes_without_a_resu
     retries = {str(t.parent.relative_to(root)): tries(json.loads(t.read_text()))
                for t in root.glob("**/timing.json")}
     out["retries"] = {k: v for k, v in retries.items() if v}
+    tasks = Counter(x["unit"] for x in out["record"]["stages"])
+    out["units_run_twice"] = {u: n for u, n in tasks.items() if n > 1}  # Ray's own record
+    out["lost_tasks"] = [x for x in out["record"]["stages"] if x["error_type"]]
     TIMINGS["loss_units_retried"] = len(out["retries"])
     print("\nworker loss mid-plan:", json.dumps({k: v for k, v in out.items() if k != "record"}))
     assert out["on_worker_at_kill"]["stages"] or out["on_worker_at_kill"]["train_workers"]
