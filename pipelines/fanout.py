@@ -174,10 +174,14 @@ def _shard_files(cache, fn, adapter, args, kwargs, shards) -> list[Path | None]:
     """Where each shard's merged rows are kept in ``cache`` (None: no cache)."""
     if cache is None:
         return [None] * len(shards)
-    work = hashlib.sha256(
-        pickle.dumps((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
-                      repr(adapter), args, kwargs))  # fmt: skip
-    )
+    try:
+        work = hashlib.sha256(
+            pickle.dumps((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+                          repr(adapter), args, kwargs))  # fmt: skip
+        )
+    except (pickle.PicklingError, TypeError, AttributeError) as e:  # a lambda, a lock, ...
+        log.info("fan-out %s: shards not cached (%s)", getattr(fn, "__name__", "fn"), e)
+        return [None] * len(shards)
     out = []
     for shard in shards:
         h = work.copy()

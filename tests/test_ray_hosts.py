@@ -219,3 +219,12 @@ def test_fan_out_keeps_merged_shards_and_a_retry_runs_only_the_rest(pool, trials
     other = fan_out(pool, score_examples, trials, "trial", 5, {**SETS}, adapter=AS_IS,
                     progress=False, cache=tmp_path)  # fmt: skip
     assert other.attrs["fan_out"]["cached"] == 0
+
+
+def test_work_that_cannot_be_digested_is_not_cached(tmp_path, trials):
+    from pipelines.fanout import _shard_files
+
+    shards = [trials.iloc[:5], trials.iloc[5:]]
+    assert _shard_files(tmp_path, score_examples, None, (lambda: 0,), {}, shards) == [None] * 2
+    named = _shard_files(tmp_path, score_examples, None, (SETS,), {}, shards)
+    assert len(set(named)) == 2 and all(f.parent == tmp_path for f in named)
