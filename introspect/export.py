@@ -13,7 +13,6 @@ card is read from the run's files, never recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import yaml
 
 from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
-from introspect.io import markdown_table, write_json
+from introspect.io import markdown_table, read_json, sha256_file, write_json
 from introspect.models import ALIASES
 from introspect.verdicts import BASE
 
@@ -54,10 +53,6 @@ class RunFiles:
         return self.stage.parent.name if self.stage else None
 
 
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def find_run(path: str | os.PathLike) -> RunFiles:
     """The run behind ``path``: a run directory, or a plan's train stage directory or its
     ``run/`` (a stage directory is one of a plan when ``plan.json`` lies two levels up)."""
@@ -73,7 +68,7 @@ def find_run(path: str | os.PathLike) -> RunFiles:
         )
     if not (run / "final").is_dir() or not (run / "metrics.json").exists():
         raise IntrospectError(f"run: {run} has no final/ or metrics.json (did it finish?)")
-    plan = _load(stage.parent.parent / "plan.json") if stage else None
+    plan = read_json(stage.parent.parent / "plan.json") if stage else None
     if plan is None:
         return RunFiles(run)
     if (plan["stages"].get(stage.parent.name) or {}).get("kind") != "train":
@@ -105,15 +100,6 @@ def base_license(model: str) -> str | None:
     return next((lic for prefix, lic in LICENSES if model.startswith(prefix)), None)
 
 
-def sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- B1 results
 
 
@@ -138,7 +124,7 @@ def b1_results(files: RunFiles, extra: list[str] = ()) -> dict[str, tuple[Path, 
     model's when they evaluated no adapter)."""
     found: dict[str, tuple[Path, dict]] = {}
     for d in map(Path, extra):
-        metrics = _load(d / "metrics.json")
+        metrics = read_json(d / "metrics.json")
         if not metrics or "tiers" not in metrics:
             raise IntrospectError(f"evals: {d} holds no B1 results (metrics.json with tiers)")
         if metrics.get("adapter") is not None and not _same_run(metrics["adapter"], files):
@@ -149,7 +135,7 @@ def b1_results(files: RunFiles, extra: list[str] = ()) -> dict[str, tuple[Path, 
     if files.plan is None:
         return found
     name = files.stage_name
-    current = _load(files.root / "stages.json") or {}  # the runner's record of the plan's hashes
+    current = read_json(files.root / "stages.json") or {}  # the runner's record of its hashes
     for ev, s in files.plan["stages"].items():
         if s["kind"] != "eval" or s.get("suite") != "detection" or name not in s["models"]:
             continue
@@ -168,7 +154,7 @@ def b1_results(files: RunFiles, extra: list[str] = ()) -> dict[str, tuple[Path, 
 
 def _finished(unit: Path) -> dict | None:
     """A finished eval unit's metrics (None while it has no COMPLETE marker)."""
-    return _load(unit / "metrics.json") if (unit / "COMPLETE").exists() else None
+    return read_json(unit / "metrics.json") if (unit / "COMPLETE").exists() else None
 
 
 def _scored(adapter: str, run: Path) -> str:
@@ -186,8 +172,8 @@ def b1_section(results: dict[str, tuple[Path, dict]], files: RunFiles, export: P
         return "## B1 detection\n\nNo B1 evaluation of this run was found.\n"
     models = dict(sorted(results.items(), key=lambda kv: kv[0] != BASE))
     table = markdown_table(detection_table({k: m for k, (_, m) in models.items()}))
-    config = _load(files.run / "config.json") or {}
-    train = _load(files.run / "metrics.json")
+    config = read_json(files.run / "config.json") or {}
+    train = read_json(files.run / "metrics.json")
     lines = ["## B1 detection", "", table]
     for label, (_, m) in models.items():
         preset = None if label == BASE else config.get("preset")
@@ -234,14 +220,15 @@ def inputs(config: dict) -> tuple[list[dict], dict | None]:
     directory's config (with the SHA-256 of its parquet files); what is missing is marked."""
     vectors = []
     for p in map(Path, config.get("vectors") or []):
-        made = _load(p.with_suffix(".config.json"))
-        vectors.append({"path": p, "sha256": sha256(p) if p.exists() else None, "config": made})
+        made = read_json(p.with_suffix(".config.json"))
+        digest = sha256_file(p) if p.exists() else None
+        vectors.append({"path": p, "sha256": digest, "config": made})
     data = None
     if config.get("data"):
         d = Path(config["data"])
-        data = {"path": d, "config": _load(d / "config.json"), "sha256": {}}
+        data = {"path": d, "config": read_json(d / "config.json"), "sha256": {}}
         for f in ("train.parquet", "val.parquet"):
-            data["sha256"][f] = sha256(d / f) if (d / f).exists() else None
+            data["sha256"][f] = sha256_file(d / f) if (d / f).exists() else None
     return vectors, data
 
 
@@ -382,9 +369,9 @@ def card_text(
     (``{path in the folder: text}``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    config = _load(files.run / "config.json") or {}
-    metrics = _load(files.run / "metrics.json") or {}
-    meta = _load(export / "meta.json") or {}
+    config = read_json(files.run / "config.json") or {}
+    metrics = read_json(files.run / "metrics.json") or {}
+    meta = read_json(export / "meta.json") or {}
     base = config.get("model") or meta.get("base_model", "")
     method = config.get("method", meta.get("method", "lora"))
     preset = config.get("preset")
@@ -472,13 +459,14 @@ def export_run(
     if files.run.resolve() in (out.resolve(), *out.resolve().parents):
         raise IntrospectError(f"out: {out} lies inside the run; pick a directory outside it")
     card, extra = card_text(files, export, evals, license, repo_id)
-    base = (_load(files.run / "config.json") or {}).get("model", "")
+    base = (read_json(files.run / "config.json") or {}).get("model", "")
+    curves = _curves(files)
 
     def fill(tmp: Path) -> None:
         for f in sorted(export.iterdir()):
             if f.is_file() and f.name not in _SKIPPED:
                 _link_or_copy(f, tmp / f.name)
-        adapter = _load(tmp / "adapter_config.json")
+        adapter = read_json(tmp / "adapter_config.json")
         if adapter is not None and hub_id(base):
             # The Hub's loaders fetch the base by this name (here it is a local cache path).
             (tmp / "adapter_config.json").unlink()  # a link: never write through it
@@ -489,8 +477,8 @@ def export_run(
         for name in ("config.json", "metrics.json", "log.jsonl"):
             if (files.run / name).exists():
                 shutil.copy2(files.run / name, tmp / f"training_{name}")
-        if _curves(files):
-            shutil.copy2(_curves(files), tmp / "curves.png")
+        if curves:
+            shutil.copy2(curves, tmp / "curves.png")
         for name, text in extra.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)

@@ -6,6 +6,7 @@ rename), so a killed run never leaves half a file where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,21 @@ def check_writable(path: str | os.PathLike, field: str) -> Path:
     except OSError as e:
         raise IntrospectError(f"{field}: cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """A JSON file's content, or None when there is no such file (a result not written yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

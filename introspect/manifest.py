@@ -11,11 +11,10 @@ are trusted as before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from introspect.io import write_json
+from introspect.io import sha256_file, write_json
 
 MANIFEST = "MANIFEST.json"
 # Larger files (a full model's weights) are checked by size only: hashing 64 GB of a 32B export
@@ -23,26 +22,18 @@ MANIFEST = "MANIFEST.json"
 HASHED_BYTES = 256 * 2**20
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry(path: Path) -> dict:
     size = path.stat().st_size
-    return {"bytes": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None}
+    return {"bytes": size, "sha256": sha256_file(path) if size <= HASHED_BYTES else None}
 
 
-def write_manifest(directory: Path, skip: tuple[str, ...] = ()) -> dict:
-    """List every file under ``directory`` (but ``skip``, names at its top) in its manifest."""
+def write_manifest(directory: Path) -> dict:
+    """List every file under ``directory`` in its manifest."""
     directory = Path(directory)
     files = {
         str(p.relative_to(directory)): _entry(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] not in skip
+        if p.is_file() and p.name != MANIFEST
     }
     write_json(directory / MANIFEST, {"files": files})
     return files
@@ -66,6 +57,6 @@ def damage(directory: Path) -> str | None:
         size = f.stat().st_size
         if size != was["bytes"]:
             return f"{name} has {size} bytes, {was['bytes']} when it was written"
-        if was.get("sha256") and _sha256(f) != was["sha256"]:
+        if was.get("sha256") and sha256_file(f) != was["sha256"]:
             return f"{name} changed since it was written (SHA-256 differs)"
     return None

@@ -9,7 +9,6 @@ always equals them; seed 002's success criteria are judged in :mod:`introspect.v
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,12 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from introspect.errors import IntrospectError
-from introspect.io import markdown_table, write_text
+from introspect.io import markdown_table, read_json, write_text
 from introspect.verdicts import success_markdown
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _stage_dirs(root: Path, plan: dict) -> dict[str, Path]:
@@ -34,7 +29,7 @@ def _stage_dirs(root: Path, plan: dict) -> dict[str, Path]:
         if done:
             out[name] = max(done, key=lambda p: p.stat().st_mtime)
     # The runner's record of this plan's current hashes.
-    current = _load(root / "stages.json") or {}
+    current = read_json(root / "stages.json") or {}
     out.update({k: root / k / h for k, h in current.items() if (root / k / h).exists()})
     return out
 
@@ -119,7 +114,7 @@ def _rebase(summary: str, stage_dir: Path, report_dir: Path) -> str:
 def build_report(root: str | os.PathLike) -> Path:
     """Write ``report.md`` and ``report.html`` into ``root`` (a plan's run directory)."""
     root = Path(root)
-    plan = _load(root / "plan.json")
+    plan = read_json(root / "plan.json")
     if plan is None:
         raise IntrospectError(f"report: {root} has no plan.json (is it a plan's run directory?)")
     dirs = _stage_dirs(root, plan)
@@ -138,7 +133,7 @@ def build_report(root: str | os.PathLike) -> Path:
         if s["kind"] != "eval" or s["suite"] != "detection" or name not in dirs:
             continue
         evals = {
-            m: _load(dirs[name] / m / "metrics.json")
+            m: read_json(dirs[name] / m / "metrics.json")
             for m in s["models"]
             if (dirs[name] / m / "COMPLETE").exists()
         }
@@ -149,7 +144,7 @@ def build_report(root: str | os.PathLike) -> Path:
         parts += [markdown_table(detection_table(evals)), ""]
         parts += ["**Verdicts.**", ""]
         for m, metrics in evals.items():
-            train = _load(dirs[m] / "run" / "metrics.json") if m in dirs else None
+            train = read_json(dirs[m] / "run" / "metrics.json") if m in dirs else None
             parts.append(f"- {verdict(m, presets.get(m), metrics, train)}")
         parts += [""]
 
@@ -193,8 +188,8 @@ def unit_states(root: Path, plan: dict, dirs: dict[str, Path]) -> list[UnitState
     (``failed: <error>``) or blocked unit; else "not finished" (its stage began) or "not run".
     A result at an older hash than the plan's current one (``stages.json``) does not hide a
     failure of the current one; a current result outranks an older status record."""
-    status = _load(root / "status.json") or {}
-    current = _load(root / "stages.json") or {}
+    status = read_json(root / "status.json") or {}
+    current = read_json(root / "stages.json") or {}
     out = []
     for name, s in plan["stages"].items():
         d = dirs.get(name)
@@ -204,7 +199,7 @@ def unit_states(root: Path, plan: dict, dirs: dict[str, Path]) -> list[UnitState
         else:
             units = [(name, d)]
         for key, path in units:
-            timing = _load(path / "timing.json") if path else None
+            timing = read_json(path / "timing.json") if path else None
             record = status.get(key, "")
             if timing is not None and (fresh or not record.startswith(_UNFINISHED)):
                 out.append((key, "done", timing))

@@ -13,12 +13,11 @@ the stage's name; ``base`` is the untrained model of an eval stage's ``models`` 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from introspect.io import cell, markdown_table
+from introspect.io import cell, markdown_table, read_json
 
 BASE = "base"
 B1_CHANCE = 0.5  # yes/no detection, balanced steered and unsteered trials
@@ -51,10 +50,6 @@ class Verdict:
     verdict: str
     numbers: str = ""
     compared: str = ""
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _complete(path: Path) -> bool:
@@ -124,7 +119,7 @@ def self_attribution_effect(model_dir: Path, ref_dir: Path) -> dict | None:
 
 def _held_out(unit: Path) -> dict | None:
     """B1's held-out tier (random vectors never trained on) of one unit, if it has one."""
-    return ((_load(unit / "metrics.json") or {}).get("tiers") or {}).get("held_out")
+    return ((read_json(unit / "metrics.json") or {}).get("tiers") or {}).get("held_out")
 
 
 def _b1_text(held: dict) -> str:
@@ -213,7 +208,7 @@ def flipped_not_converged(plan: dict, dirs: dict[str, Path]) -> Verdict:
     run = dirs.get(name) if name else None
     train = None
     if run is not None and _complete(run):
-        train = _load(run / "run" / "metrics.json") or _load(run / "metrics.json")
+        train = read_json(run / "run" / "metrics.json") or read_json(run / "metrics.json")
     val = (train or {}).get("final_val_accuracy")
     if isinstance(val, int | float) and math.isfinite(val):
         near.append(val < B1_CHANCE + NEAR_CHANCE)
@@ -233,7 +228,7 @@ def calibration_improves(plan: dict, dirs: dict[str, Path]) -> Verdict:
     if isinstance(found, str):
         return Verdict(crit, f"not measured ({found})")
     stage, units = found
-    kl = {w: (_load(units[w] / "metrics.json") or {}).get("kl") for w in ("original", BASE)}
+    kl = {w: (read_json(units[w] / "metrics.json") or {}).get("kl") for w in ("original", BASE)}
     short = [w for w, k in kl.items() if k is None or not _finite(k["ci"])]
     if short:
         why = f"fewer than 2 parsed reports for {', '.join(short)}"
@@ -259,11 +254,11 @@ def b7_results(plan: dict, dirs: dict[str, Path]) -> list[tuple[str, str, dict]]
         if s["kind"] == "eval" and s["suite"] == "localization":
             for m in s["models"]:
                 if _complete(dirs[name] / m):
-                    metrics = _load(dirs[name] / m / "metrics.json") or {}
+                    metrics = read_json(dirs[name] / m / "metrics.json") or {}
                     for q, r in (metrics.get("questions") or {}).items():
                         out.append((f"{m} (`{name}`)", q, r))
         elif s["kind"] == "localize" and _complete(dirs[name]):
-            metrics = _load(dirs[name] / "metrics.json") or {}
+            metrics = read_json(dirs[name] / "metrics.json") or {}
             for when, who in (("before", "base zero-shot"), ("after", "Phase C-trained")):
                 for q, r in (metrics.get(when) or {}).items():
                     out.append((f"{who} (`{name}`)", q, r))

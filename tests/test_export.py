@@ -17,8 +17,9 @@ from huggingface_hub import ModelCard
 from introspect import models
 from introspect.errors import IntrospectError
 from introspect.examples import read_examples, score_examples
-from introspect.export import base_license, export_run, find_run, hub_id, sha256
+from introspect.export import base_license, export_run, find_run, hub_id
 from introspect.io import load_yaml
+from introspect.io import sha256_file as sha256
 from introspect.runs import load_evaluated
 from introspect.vectors import load_vectors
 from pipelines.recipes import recipe, run_recipe
