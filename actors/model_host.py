@@ -285,6 +285,7 @@ def host_pool(
     max_restarts: int = MAX_RESTARTS,
     max_task_retries: int = MAX_TASK_RETRIES,
     timeout_s: float = 600.0,
+    wait_for_cluster_s: float = 0.0,
 ) -> HostPool:
     """Start ``n`` ModelHosts: by default one per GPU (at most ``max_hosts`` when given), or on a
     CPU cluster as many as fit in its CPUs at ``num_cpus`` each, at most ``max_hosts`` (default 4).
@@ -292,12 +293,24 @@ def host_pool(
     A placement group with one bundle per host ({"GPU": 1, "CPU": num_cpus} on GPU clusters,
     {"CPU": num_cpus} otherwise; PACK) reserves the whole pool at once, so each host owns one
     GPU. Returns when every host has loaded its model; a host that fails to load raises here.
+
+    ``wait_for_cluster_s``: how long ``n`` hosts that do not fit in the cluster as it is now may
+    wait for it to grow back (a lost node being restarted) before that is an error. The plan
+    runner waits, having checked the plan against the whole cluster; a direct call does not.
     """
     if n is not None and n < 1:
         raise IntrospectError(f"n: {n} must be >= 1")
     if num_cpus <= 0:
         raise IntrospectError(f"num_cpus: {num_cpus} must be > 0")
-    size, on_gpus = pool_size(n, num_cpus, max_hosts)
+    deadline = time.monotonic() + wait_for_cluster_s
+    while True:
+        try:
+            size, on_gpus = pool_size(n, num_cpus, max_hosts)
+            break
+        except IntrospectError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2)
     bundle = {"GPU": 1, "CPU": num_cpus} if on_gpus else {"CPU": num_cpus}
     pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
     t0 = time.monotonic()

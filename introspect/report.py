@@ -236,8 +236,9 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
                 "stage": key,
                 "state": state,
                 "wall s": round(t["wall_s"], 1),
-                # Tries lost with a worker or node and run again: by the runner, by Ray Train.
-                "retries": t.get("retries", 0) + t.get("restarts", 0),
+                # Tries lost with a worker or node and run again: by the runner, by Ray Train,
+                # and an evaluation's shards run again on another model host.
+                "retries": sum(t.get(k, 0) for k in ("retries", "restarts", "shard_retries")),
                 "device": t["device"],
                 "device-hours": round(t["device_hours"], 4),
                 "USD": round(t["usd"], 4),

@@ -227,12 +227,14 @@ def pool_mapper(
     shard_size: int = 64,
     progress: bool = True,
     cache: str | os.PathLike | None = None,
+    stats: list[dict] | None = None,
 ) -> Callable:
     """An evaluation mapper over a pool: ``mapper(fn, rows, **opts)`` runs ``fn(lm, shard,
     **opts)`` on the hosts, keyed by the rows' ``key`` column, like the in-process mapper
     (``introspect.evals.common.in_process``). Every shard runs under ``adapter`` (a loaded name,
     a LoRA directory, or None = the base), so one pool evaluates several adapters in turn.
-    ``cache``: where finished shards are kept for a retry (:func:`fan_out`)."""
+    ``cache``: where finished shards are kept for a retry (:func:`fan_out`). ``stats``: a list
+    each fan-out's counts (shards, hosts, retries, revived, cached) are appended to."""
 
     def mapper(fn: Callable, rows: pd.DataFrame, **opts) -> pd.DataFrame:
         out = fan_out(
@@ -240,7 +242,10 @@ def pool_mapper(
             cache=cache, **opts,
         )  # fmt: skip
         # The stats would ride along into the parquet files; the in-process mapper has none.
-        log.info("fan-out %s: %s", getattr(fn, "__name__", "fn"), out.attrs.pop("fan_out"))
+        counts = out.attrs.pop("fan_out")
+        log.info("fan-out %s: %s", getattr(fn, "__name__", "fn"), counts)
+        if stats is not None:
+            stats.append(counts)
         return out
 
     def call(fn: Callable, **opts):

@@ -16,6 +16,7 @@ A finished unit whose files no longer match its manifest is reported, never reus
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from introspect.checkpoints import replace_dir
+from introspect.checkpoints import TMP_PREFIX, replace_dir
 from introspect.errors import IntrospectError
 from introspect.io import check_writable, write_json, write_text
 from introspect.manifest import damage, write_manifest
@@ -129,13 +130,22 @@ def _execute(
     # Outside the temporary directory, which a failed try discards: kept until the unit is done.
     shards = unit.out.with_name(f".shards-{unit.out.name}") if pool is not None else None
 
+    fan_outs: list[dict] = []
+
     def fill(tmp: Path) -> None:
         started = time.time()
-        metrics = S.run_stage(plan, unit.stage, unit.part, tmp, input_dirs, storage, pool, shards)
+        metrics = S.run_stage(
+            plan, unit.stage, unit.part, tmp, input_dirs, storage, pool, shards, fan_outs
+        )
         ended = time.time()
         timing.update(_cost(plan, kind, metrics, started, ended, len(pool) if pool else 1))
         if pool is not None:  # a pool started only when its devices were free waits ~0 s
             timing["pool_wait_s"] = pool.wait_s
+            # Shards whose host was lost and ran again elsewhere; hosts Ray restarted; shards a
+            # retry of the unit read back from an earlier try.
+            for k, name in (("retries", "shard_retries"), ("revived", "hosts_revived"),
+                            ("cached", "shards_cached")):
+                timing[name] = sum(f[k] for f in fan_outs)
         timing["retries"] = retries
         if isinstance(metrics, dict) and metrics.get("restarts"):  # Ray Train's own restarts
             timing["restarts"] = metrics["restarts"]
@@ -145,10 +155,23 @@ def _execute(
         write_manifest(tmp)
         (tmp / COMPLETE).write_text(str(ended))
 
+    clear_stale(unit.out)
     replace_dir(unit.out, fill)
     if shards is not None:
         shutil.rmtree(shards, ignore_errors=True)
     return timing
+
+
+def clear_stale(out: Path) -> list[Path]:
+    """Remove the half-written tries of this unit that a killed process left behind (a lost
+    worker, a killed driver): ``replace_dir`` cleans up after an error, not after a SIGKILL.
+    Only this unit's own (``.tmp-<name>-<8 hex>`` and its ``-old``); returns what it removed.
+    A plan has one runner at a time, so no live try is among them."""
+    mine = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}-[0-9a-f]{{8}}(-old)?")
+    stale = [p for p in out.parent.glob(f"{TMP_PREFIX}*") if mine.fullmatch(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def _cost(

@@ -20,11 +20,13 @@ def run_stage(
     storage: str,
     pool=None,
     shards: Path | None = None,
+    fan_outs: list[dict] | None = None,
 ) -> dict:
     """Run one unit of a stage into ``out`` (a fresh directory); returns its metrics.
 
     ``pool``: the eval stage's model hosts, when its models share one (``hosts: N``).
-    ``shards``: where a pooled evaluation keeps its finished shards across retries."""
+    ``shards``: where a pooled evaluation keeps its finished shards across retries.
+    ``fan_outs``: where its fan-outs' counts go (shards retried, hosts revived)."""
     stage = plan.stages[name]
     [(_, kind, config)] = stage_configs(plan, name, inputs, part)
     context = Context(name=name)
@@ -46,7 +48,8 @@ def run_stage(
         from pipelines.fanout import pool_adapter, pool_mapper
 
         context.mapper = pool_mapper(
-            pool, pool_adapter(config.model, config.adapter), progress=False, cache=shards
+            pool, pool_adapter(config.model, config.adapter), progress=False, cache=shards,
+            stats=fan_outs,
         )
     try:
         metrics = run_recipe(kind, config, target, context)
@@ -68,6 +71,9 @@ def run_stage(
     return metrics
 
 
+POOL_WAIT_S = 600.0  # as long as host_pool waits for its placement group
+
+
 def stage_pool(plan: Plan, name: str):
     """The host pool of an eval stage with ``hosts: N``: N hosts of the stage's base model, one
     GPU each on a GPU cluster (else ``cpus_per_worker`` CPUs each); close it when done."""
@@ -80,6 +86,9 @@ def stage_pool(plan: Plan, name: str):
             stage.hosts,
             num_cpus=plan.resources.cpus_per_worker,
             dtype=stage.options.get("dtype"),  # what each model's own load would use
+            # The plan was checked against the whole cluster; one that is short of a node now
+            # is short of a lost one the autoscaler is restarting.
+            wait_for_cluster_s=POOL_WAIT_S,
         )
     except IntrospectError as e:
         raise IntrospectError(f"stages.{name}.{e}") from None

@@ -16,7 +16,7 @@ import ray
 
 from introspect.report import build_report
 from pipelines.plan import parse_plan
-from pipelines.runner import State, retry_delay, run_plan
+from pipelines.runner import State, clear_stale, retry_delay, run_plan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,6 +32,19 @@ def plan(runs, **retry):
                                "batch_size": 8}},
         },
     })  # fmt: skip
+
+
+def test_a_retry_clears_only_its_own_units_half_written_tries(tmp_path):
+    # A try killed mid-write (SIGKILL: no cleanup ran) leaves .tmp-<unit>-<8 hex>; a unit whose
+    # name starts the same (food vs food-control) and finished outputs are someone else's.
+    names = [".tmp-food-0123abcd", ".tmp-food-0123abcd-old", ".tmp-food-control-0123abcd",
+             ".tmp-food-x", "food-control", ".shards-food"]
+    for n in names:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "f").write_text("x")
+    removed = clear_stale(tmp_path / "food")
+    assert sorted(p.name for p in removed) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
 def test_only_a_lost_worker_is_retried_with_a_doubling_wait():

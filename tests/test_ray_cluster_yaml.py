@@ -97,16 +97,22 @@ def test_placeholders_are_documentation_addresses(config):
     assert config["provider"]["worker_ips"] == []  # the main case: one multi-GPU box
 
 
-@pytest.fixture(scope="module")
-def harness():
-    module = sys.modules.get("harness")  # tests/cluster may have imported it
+def _load(name: str):
+    """A module of tests/cluster (no package: pytest puts that directory on sys.path when it
+    collects it, which a plain `pytest tests/` run does not)."""
+    module = sys.modules.get(name)
     if module is None:
-        path = REPO / "tests" / "cluster" / "harness.py"
-        spec = importlib.util.spec_from_file_location("harness", path)
+        path = REPO / "tests" / "cluster" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["harness"] = module  # dataclasses look their module up
+        sys.modules[name] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return _load("harness")
 
 
 def test_the_harness_changes_only_ips_user_and_key(config, harness):
@@ -119,19 +125,23 @@ def test_the_harness_changes_only_ips_user_and_key(config, harness):
     _validated(derived)
 
 
-def test_the_worker_loss_plan_reuses_tiny_and_adds_stages_that_start_at_once(harness):
-    # The cluster's worker-loss test submits it after tiny.yaml has run: tiny's stages must be
-    # skipped (same hashes), and the new ones must need nothing but tiny's finished stages.
+def test_the_fault_plan_runs_three_trainings_at_once_and_the_same_work_under_any_name(harness):
+    # The cluster's fault scenarios compare each run with a clean one: runs differ only in their
+    # names, so every stage hash must be the same; three trainings that need only the data
+    # stage start together (more CPUs than the head has), and B1 evaluates all on three hosts.
     from pipelines.plan import inputs, parse_plan, stage_hashes
 
-    base = yaml.safe_load((REPO / harness.LOSS_BASE).read_text())
-    loss = parse_plan(yaml.safe_load(yaml.safe_dump(harness.loss_plan(base))))
-    tiny = stage_hashes(parse_plan(base))
-    hashes = stage_hashes(loss)
-    assert loss.name == base["name"]
-    assert {k: hashes[k] for k in tiny} == tiny
-    new = set(hashes) - set(tiny)
-    assert new == {"original-b", "food-control-b", "data-b", "data-food-b", "b1-b"}
-    assert not set(hashes[k] for k in new) & set(tiny.values())
-    first = {k for k in new if set(inputs(loss.stages[k])) <= set(tiny)}
-    assert first == {"original-b", "food-control-b", "data-b", "data-food-b"}
+    faults = _load("faults")
+    base = yaml.safe_load((REPO / faults.BASE).read_text())
+    plans = {n: parse_plan(faults.fault_plan(base, n)) for n in ("faults-clean", "faults-x-0")}
+    assert [p.name for p in plans.values()] == ["faults-clean", "faults-x-0"]
+    hashes = [stage_hashes(p) for p in plans.values()]
+    assert hashes[0] == hashes[1]
+    plan = plans["faults-clean"]
+    assert {k: inputs(plan.stages[k]) for k in faults.TRAININGS} == {
+        k: ["data"] for k in faults.TRAININGS
+    }
+    assert plan.stages["b1"].models == ["base", *faults.TRAININGS]
+    assert plan.stages["b1"].hosts == 3
+    train = plan.stages["a"].overrides
+    assert train["max_steps"] > faults.KILL_STEP > 2 * train["save_every"]

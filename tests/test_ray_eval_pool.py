@@ -58,9 +58,11 @@ def test_b1_on_a_pool_equals_in_process(pool, tmp_path, caplog):
         "batch_size": 8,
     }  # 3 tiers of 8 trials + 8 food trials: 4 shards of at most 10
     one = run_detection(config, tmp_path / "one")
-    mapper = pool_mapper(pool, None, shard_size=10, progress=False)
+    stats: list[dict] = []
+    mapper = pool_mapper(pool, None, shard_size=10, progress=False, stats=stats)
     assert_same(run_detection(config, tmp_path / "pool", mapper=mapper), one)
     assert shards_used(caplog) == [4]
+    assert [(s["shards"], s["retries"]) for s in stats] == [(4, 0)]
     # The CLI's --hosts: a pool of its own on the connected Ray (one CPU is still free).
     args = ["eval", "detection", "--model", "tiny-random", "--vectors", config["vectors"]]
     args += ["--concepts", config["concepts"], "--n-per-tier", "4", "--magnitudes", "4,16"]
@@ -138,6 +140,10 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path):
         assert (out / COMPLETE).exists()
         timing = json.loads((out / "timing.json").read_text())
         assert timing["device_hours"] == pytest.approx(2 * timing["wall_s"] / 3600)  # 2 hosts
+        # No host was lost, nothing came from an earlier try (the fan-outs' own counts).
+        assert (timing["shard_retries"], timing["hosts_revived"], timing["shards_cached"]) == (
+            0, 0, 0
+        )
         metrics[model] = json.loads((out / "metrics.json").read_text())
         one = tmp_path / "one" / model
         one.mkdir(parents=True)

@@ -1,6 +1,7 @@
 """ModelHost on a local 2-CPU Ray: every method equals the same introspect call in-process."""
 
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -197,6 +198,11 @@ def test_fan_out_errors_are_one_clear_line(pool, trials):
 def test_host_pool_errors(pool):
     with pytest.raises(IntrospectError, match="do not fit"):
         host_pool("tiny-random", n=5, num_cpus=0.5)
+    # The runner's pool waits for a node being restarted; one that never comes is the same line.
+    t = time.monotonic()
+    with pytest.raises(IntrospectError, match="do not fit"):
+        host_pool("tiny-random", n=5, num_cpus=0.5, wait_for_cluster_s=3)
+    assert time.monotonic() - t >= 3
     with pytest.raises(IntrospectError, match="model: cannot load 'no-such-model'"):
         host_pool("no-such-model", n=1, num_cpus=0.5)
 

@@ -16,8 +16,8 @@ namespace (the hosts' gateway) forwards nothing, and no address is added outside
 host's PID 1 is a small reaper; killing it ends every process of that host, so cleanup ends
 only what the harness started.
 
-Run as root:  python tests/cluster/harness.py run [--worker-loss] [--keep]
-(--worker-loss: a plan submitted with `introspect submit`, the worker's Ray killed mid-plan.)
+Run as root:  python tests/cluster/harness.py run [--faults N] [--keep]
+(--faults N: the fault plan run clean, then N times each fault scenario of faults.py.)
 """
 
 from __future__ import annotations
@@ -147,6 +147,12 @@ class Harness:
         }
         self.tunnel_proc: subprocess.Popen | None = None
         self.timings: dict[str, float] = {}
+
+    @property
+    def plans_dir(self) -> Path:
+        """The fault scenarios' plans (tests/cluster/faults.py): inside the repo, which
+        `introspect submit` uploads; removed with everything else."""
+        return REPO / "tests" / "plans" / f".cluster-{self.run_id}"
 
     # ---- hosts -------------------------------------------------------------------------
 
@@ -415,10 +421,6 @@ class Harness:
         return self.on("laptop", cmd, timeout, check=False,
                        RAY_AUTH_MODE="token" if token else "disabled")
 
-    def kill_ray(self, host: str) -> subprocess.CompletedProcess:
-        """Take a host's Ray down hard: `ray stop --force` inside its PID namespace only."""
-        return self.on(host, ["ray", "stop", "--force"], timeout=60, check=False)
-
     def job_id(self, submitted: subprocess.CompletedProcess) -> str:
         """The submission id printed by `ray job submit`."""
         m = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr)
@@ -462,26 +464,6 @@ class Harness:
             return None
         return json.loads(path.read_text())
 
-    def complete_marks(self, name: str) -> dict[str, float]:
-        """Every finished stage's COMPLETE marker under the plan's run directory, with mtime."""
-        root = self.plan_dir(name)
-        return {str(p.relative_to(root)): p.stat().st_mtime for p in root.glob("**/COMPLETE")}
-
-    def plan_worker_loss(self, timeout: float = 900) -> dict:
-        """Kill the worker's Ray while a plan submitted with `introspect submit` runs a stage
-        there; report what became of the plan, and of its resubmission once the worker is back.
-
-        Needs the tunnel open. The plan is `loss_plan` of tests/plans/tiny.yaml, written next to
-        it (submit takes plans inside the repo) and removed afterwards.
-        """
-        base = yaml.safe_load((REPO / LOSS_BASE).read_text())
-        path = self.loss_plan_path()
-        path.write_text(yaml.safe_dump(loss_plan(base), sort_keys=False))
-        try:
-            return self._plan_worker_loss(str(path.relative_to(REPO)), base["name"], timeout)
-        finally:
-            path.unlink(missing_ok=True)
-
     def train_decisions(self, host: str = "head") -> list[str]:
         """Ray Train's failure-policy decisions (retry or raise, and the error) from the
         controller logs of every Ray session on a host, oldest first."""
@@ -490,45 +472,6 @@ class Harness:
                        key=lambda f: f.stat().st_mtime)
         text = "\n".join(f.read_text(errors="replace") for f in files)
         return [text[m.start():m.start() + 800] for m in re.finditer(r"\[FailurePolicy\]", text)]
-
-    def loss_plan_path(self) -> Path:
-        return REPO / LOSS_BASE.parent / f".cluster-loss-{self.run_id}.yaml"
-
-    def _plan_worker_loss(self, plan: str, name: str, timeout: float) -> dict:
-        t0 = time.time()
-        job_id = self.job_id(self.submit_plan(plan, wait=False))
-        # As soon as a stage's task runs on the worker, or a Ray Train worker lives there.
-        # A Ray Train worker there is preferred for 120 s: a kill lands mid-training.
-        on_worker = self.probe("watch", DASHBOARD, job_id, WORKER_IP, "300", "120", timeout=360)
-        killed = self.kill_ray("worker")
-        t = time.time()
-        out = {"job": job_id, "killed_after_submit_s": round(t - t0, 1),
-               "on_worker_at_kill": on_worker,
-               "kill_output": (killed.stdout + killed.stderr)[-300:]}
-        out["status"] = self.wait_job(job_id, timeout)
-        out["job_s_after_kill"] = round(time.time() - t, 1)
-        out["units"] = self.plan_status(name, since=t0)
-        # Every attempt of every stage task, and every Ray Train worker, with its node.
-        out["record"] = self.probe("record", DASHBOARD, job_id)
-        logs = self.job("logs", job_id).stdout
-        out["errors"] = [x for x in logs.splitlines() if x.startswith("error: stages.")]
-        out["summary"] = next((x for x in logs.splitlines() if " ran, " in x), "")
-        self.wait_nodes(2, timeout=300)  # the head's autoscaler restarts Ray on the worker
-        out["worker_back_s"] = round(time.time() - t, 1)
-        out["train_decisions"] = self.train_decisions()
-        if out["status"] == "SUCCEEDED":
-            return out
-        out["marks_before_resubmit"] = self.complete_marks(name)
-        t = time.time()
-        again = self.submit_plan(plan, timeout)
-        out["resubmit"] = {
-            "rc": again.returncode, "s": round(time.time() - t, 1),
-            "units": self.plan_status(name, since=t),
-            "summary": next((x for x in again.stderr.splitlines() if " ran, " in x), ""),
-            "tail": "" if again.returncode == 0 else (again.stdout + again.stderr)[-3000:],
-        }
-        out["marks_after_resubmit"] = self.complete_marks(name)
-        return out
 
     def listening(self, host: str) -> list[str]:
         """`local address:port` of every listening TCP socket on a host."""
@@ -561,6 +504,7 @@ class Harness:
                 time.sleep(0.2)
             sh(["ip", "netns", "del", host.ns], check=False)
         shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.plans_dir, ignore_errors=True)
 
     def _ours(self, pid: int, zombie: bool = False) -> bool:
         """Whether `pid` is still one of this run's host processes (or, with `zombie`, its
@@ -597,37 +541,16 @@ class Harness:
                 left.append(f"process {pid}: {cmdline.decode(errors='replace')[:120]}")
         if self.work.exists():
             left.append(f"directory {self.work} (keys, homes)")
-        if self.loss_plan_path().exists():
-            left.append(f"file {self.loss_plan_path()} (the worker-loss plan)")
+        if self.plans_dir.exists():
+            left.append(f"directory {self.plans_dir} (the fault plans)")
         return left
 
 
 SMOKE_JOB = ["python", "tests/cluster/cluster_job.py"]
-LOSS_BASE = Path("tests/plans/tiny.yaml")
 # The plan the cluster test submits with `introspect submit`. plans/quickstart.yaml takes ~15
 # min on 2 free cores, too long next to everything else here, so the default is its reduced
 # variant on tiny-random (every kind of stage the quickstart has but sweep and concepts).
 PLAN = os.environ.get("INTROSPECT_CLUSTER_PLAN", "tests/plans/tiny.yaml")
-
-
-def loss_plan(base: dict) -> dict:
-    """The plan the worker-loss test submits: tiny.yaml as it is, plus five stages.
-
-    Run after tiny.yaml itself, tiny.yaml's stages are skipped (same name, same hashes) and
-    four new ones start at once on its finished stages: two trainings (60 steps instead of 6)
-    and two data stages (another seed). That is four CPUs' worth of work, more than the head
-    has (2 on the test machine), so Ray puts some of it on the worker. B1 then evaluates the
-    two new trainings.
-    """
-    plan = copy.deepcopy(base)
-    s = plan["stages"]
-    for train in ("original", "food-control"):  # long enough for a kill to land mid-run
-        longer = {"max_steps": 60, "eval_every": 20, "save_every": 10}
-        s[f"{train}-b"] = {**s[train], "overrides": {**s[train]["overrides"], **longer}}
-    for data in ("data", "data-food"):
-        s[f"{data}-b"] = {**s[data], "seed": 1}
-    s["b1-b"] = {**s["b1"], "models": ["original-b", "food-control-b"]}
-    return plan
 
 
 def report(output: str) -> dict:
@@ -642,7 +565,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["run", "clean"])
     parser.add_argument("workdir", nargs="?", type=Path, help="for clean: the run's directory")
-    parser.add_argument("--worker-loss", action="store_true", help="also kill the worker mid-plan")
+    parser.add_argument("--faults", type=int, default=0, metavar="N",
+                        help="run each fault scenario (faults.py) N times")
     parser.add_argument("--keep", action="store_true", help="leave the hosts up (debugging)")
     args = parser.parse_args()
     if args.action == "clean":
@@ -664,8 +588,14 @@ def main() -> None:
             refused = h.submit(SMOKE_JOB, token=False)
             print("without token rc:", refused.returncode)
             print(refused.stdout[-500:], refused.stderr[-500:])
-            if args.worker_loss:
-                print("worker loss:", json.dumps(h.plan_worker_loss()), flush=True)
+            if args.faults:
+                import faults  # beside this file
+
+                print("clean:", json.dumps(faults.clean_run(h)), flush=True)
+                for scenario in faults.SCENARIOS:
+                    for i in range(args.faults):
+                        print(f"{scenario} {i}:", json.dumps(faults.run(h, scenario, i)),
+                              flush=True)
         if not args.keep:
             h.ray_down()
     finally:
