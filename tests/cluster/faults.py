@@ -9,8 +9,8 @@ storage; the stage hashes do not depend on the name, so every run computes the s
 
     host-train    every Ray process of the worker host killed (`ray stop --force`; sshd
                   stays, so the head's autoscaler restarts it, as a rebooted box) once a Ray
-                  Train worker lives there and the trainings have passed step KILL_STEP
-                  (checkpoints every 25 steps)
+                  Train worker lives there and a checkpoint at step KILL_STEP or later
+                  is in its Ray Train storage (checkpoints every 25 steps)
     host-fanout   the same, once B1's fan-out has merged its first shard and a model host lives
                   on the worker
     train-worker  one Ray Train worker process SIGKILLed (its host lives on) at step KILL_STEP
@@ -38,7 +38,7 @@ from safetensors.numpy import load_file
 
 SCENARIOS = ("host-train", "host-fanout", "train-worker", "driver")
 TRAININGS = ("a", "b", "c")
-KILL_STEP = 60  # of 200: checkpoints at 25 and 50 exist, most of the run is still to come
+KILL_STEP = 50  # of 200: a checkpoint at 50 is in storage, most of the run is still to come
 BASE = Path("tests/plans/tiny.yaml")
 # Timings, paths and counters: they differ between runs by nature.
 UNCOMPARED = {"run_dir", "wall_s", "worker_hours", "gpu_hours", "restarts", "num_workers"}
@@ -68,17 +68,17 @@ def fault_plan(base: dict, name: str) -> dict:
 
 
 def train_steps(root: Path) -> dict[str, int]:
-    """The last step each running training has logged (its run directory is still the
-    runner's temporary one)."""
+    """The step of each training's latest checkpoint in its Ray Train storage (a running
+    training's own log is written to its run directory only at the end)."""
     steps = {}
     for t in TRAININGS:
-        for log in (root / t).glob(".tmp-*/run/log.jsonl"):
+        for log in (root / "ray" / f"{root.name}-{t}").glob("checkpoint_*/log.jsonl"):
             lines = log.read_text().splitlines()
             if lines:
                 try:
                     steps[t] = max(steps.get(t, 0), json.loads(lines[-1])["step"])
                 except (ValueError, KeyError):
-                    pass  # a line being written
+                    pass  # being written
     return steps
 
 
@@ -173,11 +173,13 @@ def write_plan(h, name: str) -> str:
 
 
 def tries(root: Path) -> dict[str, dict]:
-    """Per unit that needed them: the runner's retries and Ray Train's worker-group restarts."""
+    """Per unit that needed them: the runner's retries, Ray Train's worker-group restarts, and
+    a fan-out's shards run again on another host."""
     out = {}
     for t in root.glob("**/timing.json"):
         timing = json.loads(t.read_text())
-        n = {k: timing[k] for k in ("retries", "restarts") if timing.get(k)}
+        n = {k: timing[k] for k in ("retries", "restarts", "shard_retries", "hosts_revived")
+             if timing.get(k)}
         stage, _hash, *model = t.parent.relative_to(root).parts  # b1/<hash>/<model>
         if n:
             out[stage + "".join(f"[{m}]" for m in model)] = n
@@ -252,10 +254,13 @@ def _leaves(x, path: str = "") -> dict[str, float]:
     return {path: float(x)}
 
 
-def metrics_diff(a: dict, b: dict) -> float:
+def metrics_diff(a: dict, b: dict, names: tuple[str, str] = ("", "")) -> float:
     """The largest difference between two metrics files' numbers (inf if their shapes or any
-    non-number differ); timings and counters are not compared."""
+    non-number differ); timings and counters are not compared. ``names``: the two runs' plan
+    names, which paths in `b` have where `a`'s have the other."""
     la, lb = _leaves(a), _leaves(b)
+    lb = {k: v.replace(f"/{names[1]}/", f"/{names[0]}/") if isinstance(v, str) and names[1]
+          else v for k, v in lb.items()}
     if la.keys() != lb.keys():
         return math.inf
     worst = 0.0
@@ -293,12 +298,13 @@ def compare(clean: Path, run: Path) -> dict:
     """What of `run` differs from `clean`: B1 rows and metrics per model; per training its
     metrics and its final weights (largest absolute difference)."""
     out = {"b1": {}, "train": {}}
+    names = (clean.name, run.name)
     b1_clean, b1_run = _unit(clean, "b1"), _unit(run, "b1")
     for model in ("base", *TRAININGS):
         a, b = b1_clean / model, b1_run / model
         d = rows_diff(pd.read_parquet(a / "scores.parquet"), pd.read_parquet(b / "scores.parquet"))
         d["metrics_diff"] = metrics_diff(json.loads((a / "metrics.json").read_text()),
-                                         json.loads((b / "metrics.json").read_text()))
+                                         json.loads((b / "metrics.json").read_text()), names)
         out["b1"][model] = d
     for t in TRAININGS:
         a, b = _unit(clean, t), _unit(run, t)
@@ -310,7 +316,7 @@ def compare(clean: Path, run: Path) -> dict:
         out["train"][t] = {
             "max_weight_diff": diff,
             "metrics_diff": metrics_diff(json.loads((a / "metrics.json").read_text()),
-                                         json.loads((b / "metrics.json").read_text())),
+                                         json.loads((b / "metrics.json").read_text()), names),
             "resumed_from": worker.get("resumed_from"),
         }
     return out
@@ -338,3 +344,47 @@ def clean_run(h) -> dict:
     if r.returncode:
         out["tail"] = (r.stdout + r.stderr)[-3000:]
     return out
+
+
+def table(records: list[dict]) -> str:
+    """docs/cluster.md's table from runs' records (test-artifacts/cluster-faults.json): one
+    row per scenario, with the spread over its runs."""
+
+    def spread(xs) -> str:
+        xs = sorted(xs)
+        return f"{xs[0]:.0f}" if xs[0] == xs[-1] else f"{xs[0]:.0f}–{xs[-1]:.0f}"
+
+    rows = ["| scenario | runs | outcome | who ran the lost work again | fault after submit (s) "
+            "| job after fault (s) | trainings resumed from | rows missing/extra, max Δp_yes, "
+            "Δmetrics, Δweights |",
+            "|---|---|---|---|---|---|---|---|"]
+    for scenario in SCENARIOS:
+        runs = [r for r in records if r["scenario"] == scenario]
+        if not runs:
+            continue
+        ok = [r["status"] == "SUCCEEDED" or r.get("resubmit", {}).get("rc") == 0 for r in runs]
+        who = Counter(f"{u}: {k} {n}" for r in runs for u, t in r["tries"].items()
+                      for k, n in t.items())
+        w = [r.get("worst", {}) for r in runs]
+        diffs = (f"{sum(x.get('missing_or_extra_rows', 0) for x in w)}, "
+                 + ", ".join(f"{max(x.get(k, math.inf) for x in w):.1g}" for k in
+                             ("max_p_yes_diff", "max_b1_metrics_diff", "max_train_diff")))
+        job = [r["job_s_after_fault"] + r.get("resubmit", {}).get("s", 0) for r in runs]
+        resumed = [f"{t} {d['resumed_from'].removeprefix('step-').lstrip('0')}"
+                   for r in runs for t, d in r.get("compare", {}).get("train", {}).items()
+                   if d.get("resumed_from")]
+        rows.append(
+            f"| {scenario} | {len(runs)} | {sum(ok)} of {len(runs)} completed"
+            f"{' (resubmitted)' if scenario == 'driver' else ', no resubmission'} | "
+            f"{'; '.join(f'{k} ×{n}' for k, n in sorted(who.items())) or 'no unit counted one'}"
+            f" (Ray Train decisions: {sum(r['train_decisions'] for r in runs)}) | "
+            f"{spread(r['fault_after_submit_s'] for r in runs)} | {spread(job)} | "
+            f"{', '.join(resumed) or 'none'} | {diffs} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(table(json.loads(Path(sys.argv[1]).read_text())))

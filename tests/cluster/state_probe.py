@@ -14,8 +14,8 @@ import time
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 
-# Ray Train V2's worker actor, and the evaluation pool's (actors/model_host.py).
-CLASSES = {"RayTrainWorker": "train_workers", "ModelHost": "model_hosts"}
+# Ray Train V2's worker actor, and the evaluation pool's (actors/model_host.py), by class.
+CLASSES = {"RayTrainWorker": "train_workers", "Host": "model_hosts"}  # ModelHost wraps Host
 
 
 def ray_job_id(address: str, submission_id: str, timeout: float = 120) -> str:

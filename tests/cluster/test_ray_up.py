@@ -172,6 +172,8 @@ def test_a_fault_needs_no_resubmission_and_changes_no_result(cluster, clean, sce
         assert out["leftovers"] == [], out["leftovers"]
         if scenario in ("host-train", "train-worker"):  # somebody ran the lost work again
             assert out["tries"] or out["train_decisions"], out
+        if scenario == "host-fanout":  # the lost host's shards ran again on another
+            assert any("shard_retries" in t for t in out["tries"].values()), out["tries"]
     assert cluster.alive_nodes() == [ch.HEAD_IP, ch.WORKER_IP]
 
 
