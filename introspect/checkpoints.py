@@ -10,6 +10,7 @@ the same step into its own ``step-N`` directory (``ZERO_TAG``, see :mod:`introsp
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -59,6 +60,19 @@ def replace_dir(final: Path, fill: Callable[[Path], None], keep_existing: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def clear_stale(final: Path) -> list[Path]:
+    """Remove the half-written tries of ``final`` that a killed process left behind (a lost
+    worker, a killed driver): ``replace_dir`` cleans up after an error, not after a SIGKILL.
+    Only ``final``'s own (its ``.tmp-<name>-<8 hex>`` and their ``-old``); returns what it
+    removed. The caller makes sure no live try is among them (a plan has one runner)."""
+    final = Path(final)
+    mine = re.compile(rf"{re.escape(TMP_PREFIX + final.name)}-[0-9a-f]{{8}}(-old)?")
+    stale = [p for p in final.parent.glob(f"{TMP_PREFIX}*") if mine.fullmatch(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:

@@ -16,7 +16,6 @@ A finished unit whose files no longer match its manifest is reported, never reus
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-from introspect.checkpoints import TMP_PREFIX, replace_dir
+from introspect.checkpoints import clear_stale, replace_dir
 from introspect.errors import IntrospectError
 from introspect.io import check_writable, write_json, write_text
 from introspect.manifest import damage, write_manifest
@@ -160,18 +159,6 @@ def _execute(
     if shards is not None:
         shutil.rmtree(shards, ignore_errors=True)
     return timing
-
-
-def clear_stale(out: Path) -> list[Path]:
-    """Remove the half-written tries of this unit that a killed process left behind (a lost
-    worker, a killed driver): ``replace_dir`` cleans up after an error, not after a SIGKILL.
-    Only this unit's own (``.tmp-<name>-<8 hex>`` and its ``-old``); returns what it removed.
-    A plan has one runner at a time, so no live try is among them."""
-    mine = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}-[0-9a-f]{{8}}(-old)?")
-    stale = [p for p in out.parent.glob(f"{TMP_PREFIX}*") if mine.fullmatch(p.name)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
 
 
 def _cost(

@@ -14,9 +14,10 @@ import psutil
 import pytest
 import ray
 
+from introspect.checkpoints import clear_stale
 from introspect.report import build_report
 from pipelines.plan import parse_plan
-from pipelines.runner import State, clear_stale, retry_delay, run_plan
+from pipelines.runner import State, retry_delay, run_plan
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

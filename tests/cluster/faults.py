@@ -172,6 +172,11 @@ def write_plan(h, name: str) -> str:
     return str(path.relative_to(ch.REPO))
 
 
+def summary(output: str) -> str:
+    """The runner's last line (`N ran, M skipped, K failed → report`), or ''."""
+    return next((x for x in output.splitlines() if " ran, " in x), "")
+
+
 def tries(root: Path) -> dict[str, dict]:
     """Per unit that needed them: the runner's retries, Ray Train's worker-group restarts, and
     a fan-out's shards run again on another host."""
@@ -210,13 +215,12 @@ def run(h, scenario: str, i: int) -> dict:
         t = time.time()
         again = h.submit_plan(plan, timeout=900)
         out["resubmit"] = {"rc": again.returncode, "s": round(time.time() - t, 1),
-                           "summary": next((x for x in again.stderr.splitlines()
-                                            if " ran, " in x), "")}
+                           "summary": summary(again.stderr)}
         if again.returncode:
             out["resubmit"]["tail"] = (again.stdout + again.stderr)[-3000:]
     else:
         logs = h.job("logs", job).stdout
-        out["summary"] = next((x for x in logs.splitlines() if " ran, " in x), "")
+        out["summary"] = summary(logs)
         out["retry_lines"] = [x for x in logs.splitlines() if "; retry " in x][:10]
     root = h.plan_dir(name)
     out["units"] = h.plan_status(name, since=t0)
@@ -339,8 +343,7 @@ def clean_run(h) -> dict:
     plan = write_plan(h, "faults-clean")
     t = time.time()
     r = h.submit_plan(plan, timeout=900)
-    out = {"rc": r.returncode, "s": round(time.time() - t, 1),
-           "summary": next((x for x in r.stderr.splitlines() if " ran, " in x), "")}
+    out = {"rc": r.returncode, "s": round(time.time() - t, 1), "summary": summary(r.stderr)}
     if r.returncode:
         out["tail"] = (r.stdout + r.stderr)[-3000:]
     return out
