@@ -26,9 +26,13 @@ def main() -> None:
     parser.add_argument("run_root", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, help="also write the README's comparison table")
+    parser.add_argument("--dtype", default="float32", help="the dtype the runs used")
+    parser.add_argument(
+        "--compare", type=Path, help="another dtype's summary: is each accuracy in its interval?"
+    )
     args = parser.parse_args()
     root = args.run_root
-    result: dict = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "models": {}}
+    result: dict = {"model": "smollm2-135m", "device": "cpu", "dtype": args.dtype, "models": {}}
     for eval_dir in sorted((root / "eval").glob("*/metrics.json")):
         name = eval_dir.parent.name
         metrics = json.loads(eval_dir.read_text())
@@ -48,11 +52,31 @@ def main() -> None:
             rates = sorted(r["examples_per_s"] for r in log)
             training["median_examples_per_s"] = rates[len(log) // 2]
         result["models"][name] = entry
+    if args.compare:
+        result["compared_with"] = compare(result, json.loads(args.compare.read_text()))
+        result["compared_with"]["file"] = str(args.compare)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} ({len(result['models'])} models)")
     if args.markdown:
         args.markdown.write_text(markdown(result))
+
+
+def compare(result: dict, other: dict) -> dict:
+    """Per model and tier: is this run's accuracy inside the other run's 95 % interval?"""
+    rows = {}
+    for name, entry in result["models"].items():
+        theirs = other["models"].get(name, {}).get("tiers", {})
+        for tier, t in entry["tiers"].items():
+            if tier in theirs:
+                lo, hi = theirs[tier]["ci"]["accuracy"]
+                rows[f"{name}/{tier}"] = {
+                    "accuracy": t["accuracy"],
+                    "other_accuracy": theirs[tier]["accuracy"],
+                    "other_ci": [lo, hi],
+                    "within": lo <= t["accuracy"] <= hi,
+                }
+    return {"dtype": other.get("dtype"), "tiers": rows}
 
 
 ORDER = ["base", "original", "r1-minimal", "vague-prompt", "food-control", "flipped-labels"]

@@ -88,13 +88,25 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelChoice(Config):
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class Precision(Config):
+    """The dtype a model runs in: one definition for every recipe, eval and plan that loads one
+    (resolved by ``introspect.precision.default_dtype`` when not given)."""
+
+    dtype: DType | None = Field(
+        None,
+        description="weights' dtype (default: bfloat16 on a GPU, and on a CPU with native bf16 "
+        "where the benchmark showed results hold; float32 elsewhere). Training keeps the "
+        "weights it updates in float32",
+    )
+
+
+class ModelChoice(Precision):
     """The model a recipe runs: one definition of the field for every recipe that loads one."""
 
     model: str = Field(
         DEFAULT_MODEL,
         description="Hugging Face id, local directory, or alias (smollm2-135m, tiny-random)",
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="weights' dtype (default: bfloat16 on a GPU, float32 on a CPU)"
     )

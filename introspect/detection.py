@@ -10,12 +10,15 @@ cache (no LM head). The hooks come off, the suffix is read on the steered cache 
 allowed, and only the last suffix position goes through the LM head.
 
 Batching: prefixes are left-padded so they all end at the same column, suffixes right-padded;
-position ids are computed per row, so a row's answer does not depend on its batch-mates.
+position ids are computed per row, so a row's answer does not depend on its batch-mates. Rows
+with the same prefix can share the prefix pass below their steered layers
+(:mod:`introspect.prefix_share`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from introspect import prefix_share
 from introspect.errors import IntrospectError
 from introspect.models import backbone, cache_kwargs, causal_lm, output_cache, padded
 from introspect.steering import Steering, position_mask, steer
@@ -165,6 +169,14 @@ def steered_cache(model: nn.Module, batch: DetectionBatch):
     return output_cache(inner, out)
 
 
+def prefix_cache(model: nn.Module, batch: DetectionBatch, share_prefixes: bool = True):
+    """The steered prefix cache: :func:`introspect.prefix_share.shared_cache` where the backbone
+    supports it and ``share_prefixes``, else :func:`steered_cache`. Both give the same cache."""
+    if share_prefixes and prefix_share.supported(model):
+        return prefix_share.shared_cache(model, batch)
+    return steered_cache(model, batch)
+
+
 def _read_only_update(layer, key_states, value_states, *args, **kwargs):
     return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
 
@@ -203,9 +215,15 @@ def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tenso
     return causal_lm(model).get_output_embeddings()(last)
 
 
-def detection_logits(model: nn.Module, batch: DetectionBatch) -> torch.Tensor:
-    """The two-pass steer-then-remove forward: ``[B, vocab]`` logits at the answer position."""
-    return suffix_logits(model, batch, steered_cache(model, batch))
+def detection_logits(
+    model: nn.Module, batch: DetectionBatch, share_prefixes: bool = False
+) -> torch.Tensor:
+    """The two-pass steer-then-remove forward: ``[B, vocab]`` logits at the answer position.
+
+    ``share_prefixes`` computes rows with the same prefix together below their steered layers
+    (:func:`prefix_cache`); the prefix pass is under ``no_grad`` either way.
+    """
+    return suffix_logits(model, batch, prefix_cache(model, batch, share_prefixes))
 
 
 def answer_probabilities(
@@ -217,6 +235,15 @@ def answer_probabilities(
     p_yes = pair.softmax(-1)[:, 0]
     mass = logits.log_softmax(-1).gather(1, answer_ids).exp().sum(-1)
     return p_yes, mass
+
+
+def _batch_order(prompt: DetectionPrompt, share_prefixes: bool) -> tuple:
+    """Sort key of the trials: by length, so batches carry little padding; for sharing, one
+    prefix's trials side by side (by prefix length first, which keeps padding low too)."""
+    if not share_prefixes:
+        return (len(prompt.prefix_ids) + len(prompt.suffix_ids),)
+    leave = math.inf if prompt.steering is None else prompt.steering.layer_start
+    return len(prompt.prefix_ids), prompt.prefix_ids, leave, len(prompt.suffix_ids)
 
 
 @dataclass
@@ -232,6 +259,7 @@ def score_detection(
     batch_size: int = 16,
     info_prompt: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    share_prefixes: bool = True,
 ) -> DetectionScores:
     """Score trials in batches; results come back in the input order.
 
@@ -241,6 +269,10 @@ def score_detection(
     Trials are grouped by length so batches carry little padding; padding does not change any
     row's answer, so the grouping only changes speed. Unsteered trials with the same tokens
     have the same answer, so each distinct one is scored once and its result shared.
+
+    ``share_prefixes`` (the default) instead orders trials by prefix, so that the steerings of one
+    context land in one batch, and runs each batch's distinct prefixes once below the layers where
+    their steerings begin (:mod:`introspect.prefix_share`); the answers are the same.
     """
     if batch_size < 1:
         raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
@@ -251,7 +283,7 @@ def score_detection(
         if p.steering is None:
             key = (tuple(p.prefix_ids), tuple(p.suffix_ids), p.answer_ids)
             source[i] = first.setdefault(key, i)
-    todo = sorted({*source}, key=lambda i: len(prompts[i].prefix_ids) + len(prompts[i].suffix_ids))
+    todo = sorted({*source}, key=lambda i: _batch_order(prompts[i], share_prefixes))
     p_yes = [0.0] * len(prompts)
     mass = [0.0] * len(prompts)
     device = next(model.parameters()).device
@@ -262,7 +294,7 @@ def score_detection(
         idx = todo[start : start + batch_size]
         batch = collate([prompts[i] for i in idx], pad_id).to(device)
         with torch.no_grad():
-            logits = detection_logits(model, batch)
+            logits = detection_logits(model, batch, share_prefixes)
         py, m = answer_probabilities(logits, batch.answer_ids)
         for j, i in enumerate(idx):
             p_yes[i], mass[i] = float(py[j]), float(m[j])

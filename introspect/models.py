@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from introspect import precision
 from introspect.checkpoints import replace_dir
 from introspect.errors import IntrospectError
 
@@ -73,10 +74,7 @@ def load(
     which device, on any cluster."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _log_load(name_or_path, device)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    # bf16 only where the hardware makes it fast; CPU stays fp32 so tests compare at 1e-4.
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = precision.resolve(dtype, device)
 
     if name_or_path == "tiny-random":
         model, tokenizer = build_tiny_random()

@@ -200,6 +200,8 @@ def unit_states(root: Path, plan: dict, dirs: dict[str, Path]) -> list[UnitState
             units = [(name, d)]
         for key, path in units:
             timing = read_json(path / "timing.json") if path else None
+            if timing is not None:
+                timing = timing | {"dtype": ran_dtype(path)}
             record = status.get(key, "")
             if timing is not None and (fresh or not record.startswith(_UNFINISHED)):
                 out.append((key, "done", timing))
@@ -208,6 +210,15 @@ def unit_states(root: Path, plan: dict, dirs: dict[str, Path]) -> list[UnitState
             else:
                 out.append((key, "not finished" if d is not None else "not run", None))
     return out
+
+
+def ran_dtype(unit: Path) -> str | None:
+    """The dtype a unit's model ran in, from the config its recipe recorded (a training's sits
+    in ``run/``, a vector file's beside it as ``NAME.config.json``)."""
+    for path in (unit / "config.json", unit / "run" / "config.json", *unit.glob("*.config.json")):
+        if path.is_file():
+            return (read_json(path) or {}).get("dtype")
+    return None
 
 
 def failed_section(states: list[UnitState]) -> list[str]:
@@ -240,6 +251,7 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
                 # and an evaluation's shards run again on another model host.
                 "retries": sum(t.get(k, 0) for k in ("retries", "restarts", "shard_retries")),
                 "device": t["device"],
+                "dtype": t.get("dtype") or "",
                 "device-hours": round(t["device_hours"], 4),
                 "USD": round(t["usd"], 4),
             }
@@ -252,6 +264,7 @@ def cost_table(states: list[UnitState]) -> pd.DataFrame:
             "wall s": round(table["wall s"].sum(), 1),
             "retries": int(table["retries"].sum()),
             "device": "",
+            "dtype": "",
             "device-hours": round(table["device-hours"].sum(), 4),
             "USD": round(table["USD"].sum(), 4),
         }

@@ -47,6 +47,7 @@ from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.io import write_json, write_text
 from introspect.models import LoadedModel
+from introspect.precision import autocast, dtype_name, train_precision, weights_dtypes
 from introspect.recompute import checkpoint_layers
 from introspect.vectors import VectorSet
 
@@ -254,8 +255,11 @@ def answer_pair(model, prompts: Sequence[DetectionPrompt], pad_id: int) -> torch
 
 
 @torch.no_grad()
-def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[float, float]:
-    """Validation accuracy and mean cross-entropy over the answer tokens.
+def validate(
+    model, prompts, labels, pad_id: int, batch_size: int, cast: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Validation accuracy and mean cross-entropy over the answer tokens (forward autocast to
+    ``cast`` when given).
 
     Under data parallelism each worker takes every ``world``-th prompt and the sums are
     combined, so every worker returns the same numbers for the whole set. Every worker runs the
@@ -270,8 +274,11 @@ def validate(model, prompts, labels, pad_id: int, batch_size: int) -> tuple[floa
     rows += (rows[:1] or [0]) * (-(-len(prompts) // size) - n_real)
     targets = label_targets([labels[i] for i in rows])
     total_loss, correct = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        pair = answer_pair(model, [prompts[i] for i in rows[start : start + batch_size]], pad_id)
+        chunk = [prompts[i] for i in rows[start : start + batch_size]]
+        with autocast(device, cast):
+            pair = answer_pair(model, chunk, pad_id)
         keep = max(0, min(len(pair), n_real - start))
         pair, t = pair[:keep], targets[start : start + keep].to(pair.device)
         total_loss += float(F.cross_entropy(pair, t, reduction="sum")) if keep else 0.0
@@ -364,14 +371,25 @@ def train_prompts(
         )
     if not train_set or not val_set:
         raise IntrospectError("data: the training and validation sets must both have rows")
-    if writer:
-        write_json(run_dir / "config.json", {**config.model_dump(), "model": lm.name})
     val_set = list(val_set)[: config.val_max_examples]
     val_labels = list(val_labels)[: config.val_max_examples]
 
     tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    compute = next(lm.model.parameters()).dtype  # what the forward runs in, kept below
     model = prepare_model(lm, config)
+    # DeepSpeed keeps its own fp32 master weights under its bf16 mode.
+    cast = train_precision(model, config.method) if updates is TorchUpdates else None
+    if writer:
+        write_json(
+            run_dir / "config.json",
+            {
+                **config.model_dump(),
+                "model": lm.name,
+                "dtype": dtype_name(compute),
+                "weights_dtype": weights_dtypes(model),
+            },
+        )
     n_steps = total_steps(config, len(train_set))
     opt = updates(model, config, n_steps)
 
@@ -412,6 +430,7 @@ def train_prompts(
         )
 
     model.train()
+    pair_device = next(model.parameters()).device
     show = progress if writer else None
     last_good = ckpt
     val_acc, val_loss = float("nan"), float("nan")
@@ -425,7 +444,8 @@ def train_prompts(
             idx = micro_batch(
                 len(train_set), config.batch_size, config.seed, step * config.grad_accum + a
             )[rank::size]
-            pair = answer_pair(model, [train_set[i] for i in idx], pad_id)
+            with autocast(pair_device, cast):
+                pair = answer_pair(model, [train_set[i] for i in idx], pad_id)
             targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
             loss = F.cross_entropy(pair, targets)
             opt.backward(loss)
@@ -447,7 +467,9 @@ def train_prompts(
             "examples_per_s": seen / (time.perf_counter() - t0),
         }
         if step % config.eval_every == 0 or step == n_steps:
-            val_acc, val_loss = validate(model, val_set, val_labels, pad_id, config.batch_size * 2)
+            val_acc, val_loss = validate(
+                model, val_set, val_labels, pad_id, config.batch_size * 2, cast
+            )
             record.update(val_accuracy=val_acc, val_loss=val_loss)
             if val_acc > best_acc:
                 best_acc, best_step = val_acc, step
@@ -470,7 +492,8 @@ def train_prompts(
     result = TrainResult(run_dir, step, best_step, best_acc, val_acc, val_loss)
     opt.export(tok, run_dir / "final", meta(step, val_acc, val_loss))
     if writer:
-        write_json(run_dir / "metrics.json", asdict(result))  # the run_dir as a string
+        ran = {"dtype": dtype_name(compute), "weights_dtype": weights_dtypes(model)}
+        write_json(run_dir / "metrics.json", asdict(result) | ran)  # run_dir: a string
     barrier()
     return result
 

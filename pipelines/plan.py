@@ -31,7 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError
 
-from introspect.config import Config, error_line
+from introspect.config import Config, Precision, error_line
 from introspect.errors import IntrospectError
 from introspect.io import load_yaml
 from introspect.models import ALIASES
@@ -132,12 +132,12 @@ Stage = Annotated[
 KINDS = ("vectors", "norms", "data", "train", "sweep", "eval", "stance", "localize")
 
 
-class Resources(Config):
+class Resources(Precision):
+    """Where a plan's trainings and model hosts run; ``dtype`` is every model's in the plan
+    unless a stage's options set their own."""
+
     use_gpu: bool = Field(False, description="one GPU per training worker and model host")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker / task")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="training weights' dtype (default: bfloat16 on a GPU, else float32)"
-    )
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a lost worker")
 
 
@@ -291,13 +291,14 @@ def stage_configs(
     model = plan.stage_model(name)
     where = f"stages.{name}"
     if stage.kind == "vectors":
-        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
-        return [(None, "vectors", recipe("vectors").parse(fields, where))]
+        fields = _dtype(plan, "vectors") | stage.model_dump(exclude={"kind", "after"})
+        return [(None, "vectors", recipe("vectors").parse(fields | {"model": model}, where))]
     if stage.kind == "norms":
-        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
-        return [(None, "norms", recipe("norms").parse(fields, where))]
+        fields = _dtype(plan, "norms") | stage.model_dump(exclude={"kind", "after"})
+        return [(None, "norms", recipe("norms").parse(fields | {"model": model}, where))]
     if stage.kind == "data":
-        fields = stage.model_dump(exclude={"kind", "after"}) | {"model": model}
+        fields = _dtype(plan, "data") | stage.model_dump(exclude={"kind", "after"})
+        fields["model"] = model
         fields["vectors"] = vector_file(inputs, stage.vectors)
         if stage.norms:
             _check_norms(plan, name)
@@ -311,11 +312,23 @@ def stage_configs(
             for m in stage.models
             if part is None or m == part
         ]
-    options = _own(stage.config, f"{where}.config") | {"model": model}
+    kind = "stance.compare" if stage.kind == "stance" else "localize"
+    options = _dtype(plan, kind) | _own(stage.config, f"{where}.config") | {"model": model}
     if stage.kind == "localize" and stage.vectors:
         options["vectors"] = vector_file(inputs, stage.vectors)
-    kind = "stance.compare" if stage.kind == "stance" else "localize"
     return [(None, kind, recipe(kind).parse(options, f"{where}.config"))]
+
+
+def eval_dtype(plan: Plan, name: str) -> str | None:
+    """The dtype an eval stage's models load in: its own option, else the plan's."""
+    return plan.stages[name].options.get("dtype", plan.resources.dtype)
+
+
+def _dtype(plan: Plan, kind: str) -> dict:
+    """The plan's ``resources.dtype`` for a recipe that loads a model; a stage's own wins."""
+    if plan.resources.dtype is None or "dtype" not in recipe(kind).config.model_fields:
+        return {}
+    return {"dtype": plan.resources.dtype}
 
 
 def _check_norms(plan: Plan, name: str) -> None:
@@ -365,7 +378,7 @@ def _eval_config(plan: Plan, name: str, model_ref: str, inputs: dict[str, Path] 
     stage = plan.stages[name]
     where = f"stages.{name}"
     cls = recipe(f"eval.{stage.suite}").config
-    config = _own(stage.options, f"{where}.options")
+    config = _dtype(plan, f"eval.{stage.suite}") | _own(stage.options, f"{where}.options")
     config["model"] = plan.stage_model(name)
     if model_ref != BASE:
         config["adapter"] = _dir(inputs, model_ref, "run")
@@ -431,6 +444,19 @@ def _hashed(stage) -> dict:
     }
 
 
+def _hashed_dtype(plan: Plan, kind: str) -> dict:
+    """The plan's dtype, for a stage other than a training (whose ``resources`` hold it), when
+    it is not what the models would load in anyway: a plan that names none, or names the
+    default of where it runs, keeps the hashes it always had."""
+    from introspect.precision import default_dtype, dtype_name
+
+    dtype = plan.resources.dtype
+    default = dtype_name(default_dtype("cuda" if plan.resources.use_gpu else "cpu"))
+    if kind in ("train", "sweep") or dtype in (None, default):
+        return {}
+    return {"dtype": dtype}
+
+
 def stage_hashes(plan: Plan) -> dict[str, str]:
     """A short hash per stage over its config, its model and its inputs' hashes."""
     out: dict[str, str] = {}
@@ -440,6 +466,7 @@ def stage_hashes(plan: Plan) -> dict[str, str]:
             "stage": _hashed(stage),
             "model": plan.stage_model(name),
             "resources": plan.resources.model_dump() if stage.kind in ("train", "sweep") else None,
+            **_hashed_dtype(plan, stage.kind),
             "inputs": {ref: out[ref] for ref in inputs(stage)},
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -32,7 +32,7 @@ from introspect.manifest import damage, write_manifest
 from pipelines import stages as S
 from pipelines.failures import failure_line, is_lost
 from pipelines.placement import add, check_feasible, fits, unit_need
-from pipelines.plan import Plan, inputs, order, stage_hashes
+from pipelines.plan import Plan, eval_dtype, inputs, order, stage_hashes
 
 COMPLETE = "COMPLETE"
 
@@ -238,7 +238,7 @@ def pool_key(plan: Plan, name: str) -> tuple:
     """Eval stages with the same key share one host pool for the whole plan: the model loads
     once per GPU, not once per stage (at 32B, a minute and 65 GB per host each time)."""
     stage = plan.stages[name]
-    return (plan.stage_model(name), stage.options.get("dtype"), stage.hosts)
+    return (plan.stage_model(name), eval_dtype(plan, name), stage.hosts)
 
 
 def run_plan(plan: Plan, progress: bool = True, fail_fast: bool = False) -> dict[str, UnitStatus]:

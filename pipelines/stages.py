@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from introspect.errors import IntrospectError
-from pipelines.plan import Plan, stage_configs
+from pipelines.plan import Plan, eval_dtype, stage_configs
 from pipelines.recipes import Context, TrainEngine, run_recipe
 
 
@@ -29,7 +29,7 @@ def run_stage(
     ``fan_outs``: where its fan-outs' counts go (shards retried, hosts revived)."""
     stage = plan.stages[name]
     [(_, kind, config)] = stage_configs(plan, name, inputs, part)
-    context = Context(name=name)
+    context = Context(name=name, device="cuda" if plan.resources.use_gpu else None)
     target = out
     if kind == "vectors":
         target = out / f"{name}.safetensors"
@@ -85,7 +85,7 @@ def stage_pool(plan: Plan, name: str):
             plan.stage_model(name),
             stage.hosts,
             num_cpus=plan.resources.cpus_per_worker,
-            dtype=stage.options.get("dtype"),  # what each model's own load would use
+            dtype=eval_dtype(plan, name),  # what each model's own load would use
             # The plan was checked against the whole cluster; one that is short of a node now
             # is short of a lost one the autoscaler is restarting.
             wait_for_cluster_s=POOL_WAIT_S,

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
 from pydantic import Field
 
-from introspect.config import Config, SystemPrompt, with_system
+from introspect.config import Config, Precision, SystemPrompt, with_system
 from introspect.detection import PREFILL, DetectionPrompt, answer_token_ids, collate
 from introspect.detection import detection_logits as _detection_logits
 from introspect.errors import IntrospectError
@@ -38,7 +38,7 @@ Progress = Callable[[int, int], None]
 # --------------------------------------------------------------------------- configs
 
 
-class ModelConfig(SystemPrompt):
+class ModelConfig(SystemPrompt, Precision):
     """The model under evaluation, as every suite names it (the base of their configs)."""
 
     model: str = Field(
@@ -54,9 +54,6 @@ class ModelConfig(SystemPrompt):
     )
     device: str | None = Field(
         None, description="torch device, e.g. cuda:0 or cpu (default: the best available)"
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="weight dtype (default: by device)"
     )
 
 

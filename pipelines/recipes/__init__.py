@@ -14,6 +14,7 @@ Modules are imported when a recipe is used, not when the registry is read: ``int
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,6 +47,7 @@ class Context:
     progress: Callable[[int, int], None] | None = None  # called (done, total) on long work
     mapper: Callable | None = None  # evaluations: fan shards out over model hosts
     train: TrainEngine | None = None  # trainings: run on Ray Train instead of in process
+    device: str | None = None  # where its models run when not here ("cuda" on a GPU plan)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,22 @@ def run_recipe(name: str, config: Config, out: str | Path, context: Context | No
     input refused while the recipe starts leaves nothing behind."""
     r = recipe(name)
     out = Path(out)
+    context = context or Context()
     metrics = r.run(config, out, context)
     where = out / "config.json" if r.output == "dir" else out.with_suffix(".config.json")
-    write_text(where, config.model_dump_json(indent=2) + "\n")
+    record = config.model_dump(mode="json")
+    if "dtype" in record:  # what the model ran in, not "default"
+        record["dtype"] = metrics.get("dtype") or ran_dtype(config, context)
+    write_text(where, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return metrics
+
+
+def ran_dtype(config: Config, context: Context) -> str:
+    """The dtype a config's model loads in: its own, else the default where it runs."""
+    import torch
+
+    from introspect import precision
+
+    device = getattr(config, "device", None) or context.device
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return precision.dtype_name(precision.resolve(config.dtype, device))

@@ -1,0 +1,91 @@
+"""The dtype a model runs in: one option, one default, and fp32 master weights for training.
+
+Every recipe that loads a model takes ``dtype`` (``introspect.config.Precision``); ``None`` means
+:func:`default_dtype`: bfloat16 on a CUDA GPU, bfloat16 on a CPU with native bf16 arithmetic
+(AVX512-BF16 or AMX) once the detection benchmark has shown that results hold there
+(:data:`CPU_BF16_HOLDS`), float32 elsewhere.
+
+Training in a low-precision dtype keeps what it updates in float32, because a bf16 weight
+cannot take an AdamW step much smaller than 1/256 of itself:
+
+* LoRA: the frozen base weights stay in bf16; peft keeps the adapter weights in fp32 (its
+  ``autocast_adapter_dtype``) and :func:`train_precision` makes sure of it, so the optimizer's
+  moments are fp32 too.
+* Full fine-tuning: the weights are upcast to fp32 (the master copy AdamW updates) and every
+  forward runs under ``torch.autocast`` in the low dtype, so the matmuls are bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+# Set from benchmarks/results/detection_cpu_bf16.json: on the detection benchmark, the run
+# trained and evaluated in bf16 must land inside the fp32 run's B1 held-out interval before the
+# CPU default changes. False until that is shown.
+CPU_BF16_HOLDS = False
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a model loads in when none is asked for, on ``device``."""
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and CPU_BF16_HOLDS and native_bf16_cpu()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """``dtype`` as a torch dtype, or the default on ``device``."""
+    if isinstance(dtype, str):
+        return getattr(torch, dtype)
+    return dtype or default_dtype(device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``, as configs and reports spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def train_precision(model: nn.Module, method: str) -> torch.dtype | None:
+    """Make what training updates fp32; return the dtype to autocast the forward in, if any.
+
+    Call after LoRA is attached (or the weights unfrozen), before the optimizer is built.
+    """
+    compute = next(model.parameters()).dtype
+    if compute not in LOW:
+        return None
+    if method == "full":
+        model.float()
+        return compute
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` in ``dtype`` on ``device``'s kind, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def weights_dtypes(model: nn.Module) -> dict[str, str]:
+    """The dtypes of the frozen and of the trained weights (``{"frozen": …, "trained": …}``)."""
+    seen: dict[str, set[str]] = {"frozen": set(), "trained": set()}
+    for p in model.parameters():
+        seen["trained" if p.requires_grad else "frozen"].add(dtype_name(p.dtype))
+    return {k: ",".join(sorted(v)) for k, v in seen.items() if v}

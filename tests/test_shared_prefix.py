@@ -1,0 +1,265 @@
+"""The shared prefix pass (introspect.prefix_share) against the plain steered prefix pass."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from introspect import prefix_share
+from introspect.detection import (
+    DetectionExample,
+    answer_probabilities,
+    build_prompt,
+    collate,
+    detection_logits,
+    prefix_cache,
+    score_detection,
+    steered_cache,
+)
+from introspect.errors import IntrospectError
+from introspect.models import decoder_layers
+from introspect.prefix_share import distinct_prefixes, shared_cache, supported
+from introspect.steering import Steering
+
+QUESTIONS = ("Do you detect an injected thought?", "Is anything unusual? Answer yes or no.")
+CONTEXTS = [
+    ("Hi", "Hello!"),
+    ("Tell me about cats.", "Cats are small, curious animals."),
+    ("Write a long poem about the sea, the wind and the stars over the harbour.", "Here it is."),
+]
+
+
+def unit(d: int, seed: int) -> torch.Tensor:
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def mixed_rows(n_layers: int, d_model: int, contexts=CONTEXTS) -> list[DetectionExample]:
+    """Each context with two unsteered twins (two questions) and steerings that differ in layer
+    range, magnitude, vector and token slice; contexts differ in length."""
+    mid = n_layers // 2
+    ranges = [(0, 1, 30.0, None), (1, n_layers, 12.0, None), (mid, n_layers, 50.0, (2, 9)),
+              (mid, mid + 1, 20.0, None), (n_layers - 1, n_layers, 80.0, None)]  # fmt: skip
+    rows = []
+    for c, (context, reply) in enumerate(contexts):
+        rows += [DetectionExample(context, reply, q) for q in QUESTIONS]
+        for k, (start, end, magnitude, positions) in enumerate(ranges):
+            s = Steering(unit(d_model, 10 * c + k), start, end, magnitude, positions)
+            rows.append(DetectionExample(context, reply, QUESTIONS[k % 2], steering=s))
+    return rows
+
+
+def batch_of(lm, rows):
+    return collate([build_prompt(lm.tokenizer, r) for r in rows], lm.tokenizer.pad_token_id)
+
+
+def assert_same_cache(a, b, atol=1e-5):
+    assert len(a.layers) == len(b.layers)
+    for i, (x, y) in enumerate(zip(a.layers, b.layers, strict=True)):
+        assert x.keys.shape == y.keys.shape, i
+        torch.testing.assert_close(x.keys, y.keys, atol=atol, rtol=0, msg=f"layer {i} keys")
+        torch.testing.assert_close(x.values, y.values, atol=atol, rtol=0, msg=f"layer {i} values")
+
+
+def cache_gap(a, b) -> float:
+    return max(
+        float((x.keys - y.keys).abs().max()) for x, y in zip(a.layers, b.layers, strict=True)
+    )
+
+
+def test_the_shared_cache_equals_the_plain_one_at_every_layer(tiny):
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    assert len(distinct_prefixes(batch)[0]) == len(CONTEXTS)
+    assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_shared_scores_equal_plain_scores_in_input_order(tiny, batch_size):
+    rows = mixed_rows(tiny.n_layers, tiny.d_model)
+    rows = rows[::2] + rows[1::2]  # one context's rows are not side by side in the input
+    shared = score_detection(tiny.model, tiny.tokenizer, rows, batch_size)
+    plain = score_detection(tiny.model, tiny.tokenizer, rows, batch_size, share_prefixes=False)
+    assert shared.p_yes == pytest.approx(plain.p_yes, abs=1e-4)
+    assert shared.yes_no_mass == pytest.approx(plain.yes_no_mass, abs=1e-4)
+    # The steerings matter here, so equal scores are not just unsteered twins agreeing.
+    assert len({round(p, 4) for p in plain.p_yes}) > len(CONTEXTS) * len(QUESTIONS)
+
+
+def test_shared_logits_equal_plain_logits(tiny):
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    with torch.no_grad():
+        shared = detection_logits(tiny.model, batch, share_prefixes=True)
+        plain = detection_logits(tiny.model, batch)
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=0)
+
+
+def test_leaving_the_prefix_a_layer_late_is_caught_and_early_is_only_slower(tiny, monkeypatch):
+    """The test can fail: a row that leaves its prefix stream after its first steered layer
+    misses that layer's steering, and the caches differ. Leaving earlier is still exact."""
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    plain = steered_cache(tiny.model, batch)
+    right = prefix_share.leave_layers
+
+    def late(steerings, n_layers):
+        return [min(x + 1, n_layers) for x in right(steerings, n_layers)]
+
+    def early(steerings, n_layers):
+        return [max(x - 1, 0) for x in right(steerings, n_layers)]
+
+    monkeypatch.setattr(prefix_share, "leave_layers", late)
+    assert cache_gap(shared_cache(tiny.model, batch), plain) > 1e-2
+    monkeypatch.setattr(prefix_share, "leave_layers", early)
+    assert_same_cache(shared_cache(tiny.model, batch), plain)
+
+
+def test_each_prefix_runs_once_below_its_rows_steered_layers(tiny):
+    """Counted rows per layer: one prefix, unsteered + steered from layer 1 + from layer 2."""
+    n, d = tiny.n_layers, tiny.d_model
+    rows = [DetectionExample("Hi", "Hello!", QUESTIONS[0])]
+    rows += [dataclasses.replace(rows[0], steering=Steering(unit(d, k), k, n, 9.0)) for k in (1, 2)]
+    batch = batch_of(tiny, rows)
+    seen = [0] * n
+
+    def count(i):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[i] += hidden.shape[0]
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(count(i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers(tiny.model))
+    ]
+    try:
+        shared_cache(tiny.model, batch)
+        shared = list(seen)
+        seen[:] = [0] * n
+        steered_cache(tiny.model, batch)
+        plain = list(seen)
+    finally:
+        for h in handles:
+            h.remove()
+    # [0, 1): the prefix; [1, 2): + the row steered from 1; [2, 4): + the row steered from 2.
+    assert shared == [1, 2, 3, 3]
+    assert plain == [3, 3, 3, 3]
+
+
+def test_prefixes_with_the_same_padded_ids_but_different_lengths_stay_apart(tiny):
+    """The pad id (<|im_end|>) is a real token of the template: a prefix that starts with it,
+    padded, looks like a shorter one padded; only the length tells them apart."""
+    prompt = build_prompt(tiny.tokenizer, DetectionExample("Hi", "Hello!", QUESTIONS[0]))
+    pad = tiny.tokenizer.pad_token_id
+    longer = dataclasses.replace(prompt, prefix_ids=[pad, *prompt.prefix_ids])
+    steered = dataclasses.replace(prompt, steering=Steering(unit(tiny.d_model, 0), 1, 3, 30.0))
+    batch = collate([prompt, longer, steered], pad)
+    assert torch.equal(batch.prefix_ids[0], batch.prefix_ids[1])
+    assert distinct_prefixes(batch) == ([0, 1], [0, 1, 0])
+    assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
+
+
+def test_sharing_works_through_a_lora_wrapper(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    # Random B matrices (not PEFT's zeros), so the adapter changes every layer's output.
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(copy.deepcopy(tiny.model), lora).eval()
+    assert supported(model)
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    assert_same_cache(shared_cache(model, batch), steered_cache(model, batch))
+    with torch.no_grad():
+        shared = detection_logits(model, batch, share_prefixes=True)
+        torch.testing.assert_close(shared, detection_logits(model, batch), atol=1e-4, rtol=0)
+        assert (shared - detection_logits(tiny.model, batch)).abs().max() > 1e-2  # LoRA is live
+
+
+def test_training_gradients_are_the_same_on_the_shared_cache(tiny):
+    """The suffix pass runs under grad on either cache: the LoRA gradients agree."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(tiny.model), lora)
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        logits = detection_logits(model, batch, share_prefixes=share)
+        logits.gather(1, batch.answer_ids).log_softmax(-1)[:, 0].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def tiny_other(kind: str, tokenizer):
+    """A 4-layer Qwen2 (two sliding-window layers) or Mistral (sliding window) with random
+    weights; the window (8) is shorter than every prefix, so the windowed masks and caches count."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    dims = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if kind == "qwen2":
+            config = Qwen2Config(**dims, use_sliding_window=True, sliding_window=8,
+                                 max_window_layers=2)  # fmt: skip
+            return Qwen2ForCausalLM(config).eval()
+        return MistralForCausalLM(MistralConfig(**dims, sliding_window=8)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_backbones_share_exactly(tiny, kind):
+    model = tiny_other(kind, tiny.tokenizer)
+    assert supported(model)
+    batch = batch_of(tiny, mixed_rows(4, 64))
+    assert_same_cache(shared_cache(model, batch), steered_cache(model, batch))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            detection_logits(model, batch, share_prefixes=True),
+            detection_logits(model, batch),
+            atol=1e-4,
+            rtol=0,
+        )
+
+
+def test_other_backbones_fall_back_to_the_plain_pass(tiny, monkeypatch):
+    monkeypatch.setattr(prefix_share, "SUPPORTED", ())
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model)[:3])
+    assert not supported(tiny.model)
+    with pytest.raises(IntrospectError, match="prefix sharing"):
+        shared_cache(tiny.model, batch)
+    assert_same_cache(prefix_cache(tiny.model, batch), steered_cache(tiny.model, batch), atol=0)
+
+
+def test_progress_still_counts_the_distinct_trials_scored(tiny):
+    rows = mixed_rows(tiny.n_layers, tiny.d_model)
+    rows = rows + [rows[0]]  # an unsteered duplicate is scored once
+    calls = []
+    score_detection(tiny.model, tiny.tokenizer, rows, 8, progress=lambda *a: calls.append(a))
+    n = len(rows) - 1
+    assert calls == [(0, n), *((k, n) for k in range(8, n, 8)), (n, n)]
+
+
+def test_smollm2_shared_scores_equal_plain_scores(smollm):
+    """The real 30-layer model: 3 contexts, each with its unsteered twin and 3 steerings."""
+    n, d = smollm.n_layers, smollm.d_model
+    rows = []
+    steerings = [(5, 15, 20.0), (10, 20, 40.0), (19, 29, 80.0)]
+    for c, (context, reply) in enumerate(CONTEXTS):
+        rows.append(DetectionExample(context, reply, QUESTIONS[0]))
+        for k, (start, end, magnitude) in enumerate(steerings):
+            s = Steering(unit(d, 10 * c + k), start, end, magnitude)
+            rows.append(DetectionExample(context, reply, QUESTIONS[0], steering=s))
+    batch = batch_of(smollm, rows)
+    with torch.no_grad():
+        shared = detection_logits(smollm.model, batch, share_prefixes=True)
+        plain = detection_logits(smollm.model, batch)
+    assert n == 30 and len(rows) == 12
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=0)
+    for a, b in zip(answer_probabilities(shared, batch.answer_ids),
+                    answer_probabilities(plain, batch.answer_ids), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
