@@ -58,6 +58,7 @@ bench: install
 	$(OFFLINE) $(PY) benchmarks/bench_scoring.py --out benchmarks/results/scoring_cpu.json
 	$(OFFLINE) $(PY) benchmarks/bench_scoring.py --dtype bfloat16 --out benchmarks/results/scoring_cpu_bf16.json
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --out benchmarks/results/train_cpu.json
+	$(OFFLINE) $(PY) benchmarks/bench_reference.py --out benchmarks/results/reference_cpu.json
 
 clean:
 	rm -rf $(VENV) runs

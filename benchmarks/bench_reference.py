@@ -15,10 +15,13 @@ two passes with the suffix under grad, 2-way cross-entropy, the same LoRA via pe
 batch 1 x accumulation 8 (loss / 8), clip 1.0. Both sides take their token ids from
 ``build_prompt`` (tokenising is inside both timings), so they see identical tokens.
 
-Rows: one ``make_examples`` draw (default DataConfig: 50 % steered, early/middle/late thirds,
-relative magnitudes 0.05/0.1/0.2/0.3 of the residual norm measured in fp32), not deduplicated;
-the first ``--n`` rows are scored, the next ``--train-examples`` trained on (one epoch, the same
-rows on both sides), in every dtype. Model loading happens outside every timer; a training timer
+Rows: scoring takes B1's trials (``detection_trials``: the in-distribution and held-out
+tiers, each steered trial with its unsteered twin on the same context, reply and question;
+relative magnitudes 0.05/0.1/0.2/0.3 of the residual norm measured in fp32), ``--n`` of them.
+Training takes ``--train-examples`` rows of a 2,000-row detection data set (the benchmark's
+size, ~20 rows per prefix), drawn as 2-prefix batches of 8; every side trains on those rows,
+ours uniform (the default) and, on a third line, with ``contexts_per_batch: 2``. The same rows
+in every dtype. Model loading happens outside every timer; a training timer
 covers LoRA set-up, tokenising and the loop (ours also writes its final checkpoint and adapter and
 validates one row, which only counts against ours). Each configuration gets one warm-up (scoring:
 the first 16 rows; training: one optimizer step), then ``--repeats`` interleaved timed runs; the
@@ -42,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import transformers
@@ -50,8 +54,9 @@ from introspect import models, precision
 from introspect.activations import residual_norms
 from introspect.data import RELATIVE_MAGNITUDES, DataConfig, default_prompts, make_examples
 from introspect.detection import answer_token_ids, build_prompt, score_detection
+from introspect.evals.detection import detection_trials
 from introspect.examples import to_detection_examples
-from introspect.train import preset, train
+from introspect.train import grouped_batch, preset, train
 from introspect.vectors import VectorSet, random_vectors
 
 REFERENCE_DTYPE = "bfloat16"
@@ -135,9 +140,10 @@ def reference_train(lm, examples, labels, steps: int) -> None:
 # --------------------------------------------------------------------------- the measurement
 
 
-def our_train(lm, train_df, val_df, vs, steps: int) -> None:
+def our_train(lm, train_df, val_df, vs, steps: int, contexts: int | None = None) -> None:
     config = preset(
         "original",
+        contexts_per_batch=contexts,
         batch_size=ACCUM,
         grad_accum=1,
         max_steps=steps,
@@ -192,14 +198,28 @@ def main() -> None:
         parser.error(f"--train-examples: {args.train_examples} is not a positive multiple of 8")
 
     base = models.load(args.model, dtype="float32")
-    vs = VectorSet(random_vectors(base.d_model, 20, 0), args.model, "random", 20, name="bench")
+    vs = VectorSet(random_vectors(base.d_model, 20, 0), args.model, "random", 10, name="bench")
     norms = residual_norms(base, default_prompts()["context_prompts"])
-    n_rows = args.n + args.train_examples + 1
-    config = DataConfig(n=n_rows, seed=0, magnitude_mode="relative", magnitudes=RELATIVE_MAGNITUDES)
+    # Scoring: B1's trials (two tiers, each steered trial with its unsteered twin), what
+    # scoring is for. Training: rows of a detection data set of the benchmark's size (2,000
+    # rows, ~20 per prefix), drawn as 2-prefix batches of 8 so that the prefix-sharing variant
+    # can group them too; every side trains on these same rows.
+    score_df = detection_trials(
+        base.n_layers,
+        vs,
+        n_per_tier=args.n // 4,
+        magnitudes=RELATIVE_MAGNITUDES,
+        magnitude_mode="relative",
+        norms=norms,
+        seed=0,
+    )
+    config = DataConfig(n=2000, seed=0, magnitude_mode="relative", magnitudes=RELATIVE_MAGNITUDES)
     df = make_examples(config, base.n_layers, vs, norms=norms)
-    score_df = df.iloc[: args.n].reset_index(drop=True)
-    train_df = df.iloc[args.n : args.n + args.train_examples].reset_index(drop=True)
-    val_df = df.iloc[args.n + args.train_examples :].reset_index(drop=True)
+    prefixes = list(zip(df["context_prompt"], df["assistant_response"], strict=True))
+    groups = pd.Series(range(len(df))).groupby(pd.Series(prefixes).astype(str)).agg(list)
+    picked = np.concatenate([grouped_batch(groups.tolist(), ACCUM, 2, 0, k) for k in range(steps)])
+    train_df = df.iloc[picked].reset_index(drop=True)
+    val_df = df.drop(index=picked).iloc[:1].reset_index(drop=True)
     rows, train_rows = (
         to_detection_examples(d, {vs.name: vs}, base.n_layers, base.d_model)
         for d in (score_df, train_df)
@@ -217,11 +237,14 @@ def main() -> None:
                 return timed(lambda: score_detection(lm.model, lm.tokenizer, ex, 16).p_yes)
             return timed(lambda: reference_score(lm, ex))
         lm, n = models.load(args.model, dtype=dtype), 1 if warm else steps
-        if side == "ours":
-            return timed(lambda: our_train(lm, train_df, val_df, vs, n))[0], None
+        if side.startswith("ours"):
+            contexts = 2 if side == "ours_shared_prefixes" else None
+            return timed(lambda: our_train(lm, train_df, val_df, vs, n, contexts))[0], None
         return timed(lambda: reference_train(lm, train_rows, labels, n))[0], None
 
     configs = [(w, dt, s) for w in UNIT for dt in dtypes for s in ("ours", "reference")]
+    # Training also with batches of 2 prefixes x 4 steerings (contexts_per_batch: 2).
+    configs += [("training", dt, "ours_shared_prefixes") for dt in dtypes]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
     errors: dict[tuple, str] = {}
     p_yes: dict[tuple, list[float]] = {}
@@ -259,6 +282,12 @@ def main() -> None:
             met[f"{work}_same_dtype_{dt}"] = None if r is None else r >= GOALS[work]["same_dtype"]
             cells = [f"{work} ({UNIT[work]})", dt, rate(work, dt, "ours")]
             lines.append(row(cells + [rate(work, dt, "reference"), r]))
+            if work == "training":  # the optional batches by prefix, beside the default
+                shared = rate(work, dt, "ours_shared_prefixes")
+                r = ratio(shared, rate(work, dt, "reference"))
+                result[work][dt]["ratio_shared_prefixes_vs_reference"] = r
+                cells = [f"{work}, contexts_per_batch 2 ({UNIT[work]})", dt, shared]
+                lines.append(row(cells + [rate(work, dt, "reference"), r]))
         ours, ref = rate(work, args.our_default, "ours"), rate(work, REFERENCE_DTYPE, "reference")
         r = ratio(ours, ref)
         result[work]["default_ratio"] = r

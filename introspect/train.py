@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from introspect.checkpoints import (
     COMPLETE,
@@ -41,7 +41,7 @@ from introspect.checkpoints import (
     trainable,
 )
 from introspect.config import Config, parse
-from introspect.detection import DetectionPrompt, collate, detection_logits
+from introspect.detection import DetectionPrompt, collate, prefix_cache, suffix_logits
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
@@ -86,6 +86,22 @@ class TrainConfig(Config):
         "original", description="the data variant this run expects (plans check it)"
     )
     info_prompt: bool = Field(False, description="prepend the info prompt to every example")
+    contexts_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="build each micro-batch from this many prefixes (context + reply), "
+        "batch_size / contexts_per_batch steerings each, and run each prefix once below the "
+        "layers its steerings start at (default: uniform batches, no sharing)",
+    )
+
+    @model_validator(mode="after")
+    def _contexts_divide_the_batch(self) -> TrainConfig:
+        if self.contexts_per_batch and self.batch_size % self.contexts_per_batch:
+            raise ValueError(
+                f"contexts_per_batch: {self.contexts_per_batch} must divide batch_size "
+                f"{self.batch_size}"
+            )
+        return self
 
 
 PRESETS: dict[str, dict] = {
@@ -131,6 +147,43 @@ def micro_batch(n: int, batch_size: int, seed: int, micro_step: int) -> np.ndarr
     epoch, k = divmod(micro_step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def grouped_batch(
+    groups: Sequence[Sequence[int]], batch_size: int, contexts: int, seed: int, micro_step: int
+) -> np.ndarray:
+    """Indices of one micro-batch of ``contexts`` groups (rows sharing a prefix), an equal
+    share of the batch from each.
+
+    Per epoch, each group's rows are shuffled and cut into chunks of ``batch_size // contexts``
+    (a remainder is dropped) and the chunks are shuffled; batch ``k`` is chunks
+    ``[k * contexts, (k + 1) * contexts)``. A pure function of its arguments, as
+    :func:`micro_batch` is, so resumed runs take the same batches.
+    """
+    per = batch_size // contexts
+    n_chunks = sum(len(g) // per for g in groups)
+    per_epoch = n_chunks // contexts
+    if per_epoch < 1:
+        raise IntrospectError(
+            f"contexts_per_batch: {contexts} prefixes of {per} rows each do not fit in the "
+            f"training data ({len(groups)} prefixes, {n_chunks} chunks of {per})"
+        )
+    epoch, k = divmod(micro_step, per_epoch)
+    rng = np.random.default_rng([seed, epoch])
+    chunks = []
+    for g in groups:
+        rows = np.asarray(g)[rng.permutation(len(g))]
+        chunks += [rows[i : i + per] for i in range(0, len(rows) - per + 1, per)]
+    order = rng.permutation(len(chunks))[k * contexts : (k + 1) * contexts]
+    return np.concatenate([chunks[i] for i in order])
+
+
+def prefix_groups(prompts: Sequence[DetectionPrompt]) -> list[list[int]]:
+    """Row indices grouped by prefix token ids, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p.prefix_ids), []).append(i)
+    return list(groups.values())
 
 
 def total_steps(config: TrainConfig, n: int) -> int:
@@ -248,10 +301,23 @@ def label_targets(labels: Sequence) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def answer_pair(model, prompts: Sequence[DetectionPrompt], pad_id: int) -> torch.Tensor:
-    """``[B, answers]`` logits of each prompt's answer tokens (steered prefix without grad)."""
+def answer_pair(
+    model, prompts: Sequence[DetectionPrompt], pad_id: int, share_prefixes: bool = False
+) -> torch.Tensor:
+    """``[B, answers]`` logits of each prompt's answer tokens.
+
+    The steered prefix is read without grad and in eval mode: dropout there would only add noise
+    to the cache, since no gradient flows through it (it also costs a third of the prefix pass
+    on a CPU). ``share_prefixes``: rows with the same prefix share it below their steered layers.
+    """
     batch = collate(prompts, pad_id).to(next(model.parameters()).device)
-    return detection_logits(model, batch).float().gather(1, batch.answer_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = prefix_cache(model, batch, share_prefixes)
+    finally:
+        model.train(was_training)
+    return suffix_logits(model, batch, cache).float().gather(1, batch.answer_ids)
 
 
 @torch.no_grad()
@@ -431,6 +497,15 @@ def train_prompts(
 
     model.train()
     pair_device = next(model.parameters()).device
+    groups = prefix_groups(train_set) if config.contexts_per_batch else None
+
+    def batch_rows(micro_step: int) -> np.ndarray:
+        if groups is None:
+            return micro_batch(len(train_set), config.batch_size, config.seed, micro_step)
+        return grouped_batch(
+            groups, config.batch_size, config.contexts_per_batch, config.seed, micro_step
+        )
+
     show = progress if writer else None
     last_good = ckpt
     val_acc, val_loss = float("nan"), float("nan")
@@ -441,11 +516,9 @@ def train_prompts(
         opt.zero_grad()
         loss_sum, correct, seen = 0.0, 0, 0
         for a in range(config.grad_accum):
-            idx = micro_batch(
-                len(train_set), config.batch_size, config.seed, step * config.grad_accum + a
-            )[rank::size]
+            idx = batch_rows(step * config.grad_accum + a)[rank::size]
             with autocast(pair_device, cast):
-                pair = answer_pair(model, [train_set[i] for i in idx], pad_id)
+                pair = answer_pair(model, [train_set[i] for i in idx], pad_id, groups is not None)
             targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
             loss = F.cross_entropy(pair, targets)
             opt.backward(loss)

@@ -1,14 +1,26 @@
-"""Training in bf16 on tiny-random: fp32 master weights, the NaN stop, clipping, exact resume."""
+"""Training in bf16 on tiny-random (fp32 master weights, the NaN stop, clipping, exact resume),
+and batches built around a few prefixes that share the prefix pass."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from introspect import models, precision
+from introspect import models, precision, prefix_share
+from introspect import train as T
 from introspect.data import DataConfig, make_examples, split
-from introspect.train import TrainingDiverged, latest_checkpoint, preset, train
+from introspect.detection import DetectionExample, build_prompt
+from introspect.errors import IntrospectError
+from introspect.train import (
+    TrainingDiverged,
+    grouped_batch,
+    latest_checkpoint,
+    prepare_model,
+    preset,
+    train,
+)
 from introspect.vectors import VectorSet, random_vectors
 
 VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
@@ -121,3 +133,93 @@ def test_the_default_dtype(monkeypatch):
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
     assert precision.default_dtype("cpu") == torch.float32
     assert precision.resolve("float16", "cpu") == torch.float16
+
+
+# --------------------------------------------------------------------------- batches by prefix
+
+
+def few_prefixes(df, n=3):
+    """The rows rewritten onto ``n`` contexts and one reply: several steerings per prefix."""
+    df = df.copy()
+    contexts = sorted(df["context_prompt"].unique())[:n]
+    df["context_prompt"] = [contexts[i % n] for i in range(len(df))]
+    df["assistant_response"] = df["assistant_response"].iloc[0]
+    return df
+
+
+def test_grouped_batches_take_each_row_once_per_epoch_from_few_prefixes():
+    groups = [list(range(0, 10)), list(range(10, 22)), list(range(22, 30))]
+    prefix = {i: g for g, rows in enumerate(groups) for i in rows}
+    batches = [grouped_batch(groups, 8, 2, seed=1, micro_step=s).tolist() for s in range(3)]
+    assert batches == [grouped_batch(groups, 8, 2, seed=1, micro_step=s).tolist() for s in range(3)]
+    for b in batches:
+        assert len(b) == 8 and len({prefix[i] for i in b}) <= 2
+        assert sorted(Counter(prefix[i] for i in b).values()) in ([4, 4], [8])
+    # 2 + 3 + 2 chunks of 4: three batches an epoch, no row twice within it.
+    assert len(set(sum(batches, []))) == 24
+    assert grouped_batch(groups, 8, 2, 1, 3).tolist() != batches[0]  # the next epoch reshuffles
+    with pytest.raises(IntrospectError, match="contexts_per_batch"):
+        grouped_batch([[0, 1], [2, 3]], 8, 2, 0, 0)
+    with pytest.raises(IntrospectError, match="contexts_per_batch: 3 must divide batch_size 8"):
+        preset("original", contexts_per_batch=3)
+
+
+def test_shared_prefix_training_equals_the_plain_path_and_resumes_exactly(
+    tmp_path, data, monkeypatch
+):
+    train_df, val_df = few_prefixes(data[0]), few_prefixes(data[1])
+    cfg = quick(contexts_per_batch=2, max_steps=6, save_every=3, eval_every=3)
+    lm = models.load("tiny-random", device="cpu")
+    train(lm, train_df, val_df, {"random": VS}, cfg, tmp_path / "shared")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(step, _model):
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(fresh32(), train_df, val_df, {"random": VS}, cfg, tmp_path / "k", on_step=kill_at_4)
+    train(fresh32(), train_df, val_df, {"random": VS}, cfg, tmp_path / "k", resume=True)
+    monkeypatch.setattr(prefix_share, "supported", lambda _model: False)  # the plain prefix pass
+    train(fresh32(), train_df, val_df, {"random": VS}, cfg, tmp_path / "plain")
+    shared, resumed, plain = (
+        load_file(str(tmp_path / d / "final" / "adapter_model.safetensors"))
+        for d in ("shared", "k", "plain")
+    )
+    assert all(torch.equal(shared[k], resumed[k]) for k in shared)
+    assert max(float((shared[k] - plain[k]).abs().max()) for k in shared) <= 1e-4
+    assert max(float((shared[k] - fresh_adapter(tmp_path)[k]).abs().max()) for k in shared) > 0
+
+
+def fresh32():
+    return models.load("tiny-random", device="cpu")
+
+
+def fresh_adapter(tmp_path):
+    """An untrained adapter, to show that training moved the weights at all."""
+    lm = fresh32()
+    prepare_model(lm, quick())
+    lm.model.save_pretrained(tmp_path / "untrained")
+    return load_file(str(tmp_path / "untrained" / "adapter_model.safetensors"))
+
+
+def test_the_prefix_pass_runs_without_dropout(monkeypatch):
+    lm = fresh32()
+    model = prepare_model(lm, quick(lora_dropout=0.5))
+    model.train()
+    modes = []
+    real = T.prefix_cache
+
+    def spy(m, batch, share):
+        modes.append(m.training)
+        return real(m, batch, share)
+
+    monkeypatch.setattr(T, "prefix_cache", spy)
+    prompts = [
+        build_prompt(lm.tokenizer, DetectionExample("Hello there.", "Hi!", "Steered?"))
+        for _ in range(2)
+    ]
+    T.answer_pair(model, prompts, lm.tokenizer.pad_token_id)
+    assert modes == [False] and model.training  # eval for the prefix, train again after
