@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from introspect.errors import IntrospectError
 from introspect.evals.localization import QUESTIONS
 from introspect.memory import (
-    DTYPE_BYTES,
     GIB,
     TrainShape,
     arch,
@@ -117,7 +116,10 @@ def _load_s(model: str, dtype_bytes: int) -> float:
 
 
 def _dtype_bytes(dtype: str | None, gpu: bool) -> int:
-    return DTYPE_BYTES[dtype] if dtype else (2 if gpu else 4)
+    """Bytes per weight: the stage's dtype, else the default where it runs (fp16 included)."""
+    from introspect.precision import resolve
+
+    return resolve(dtype, "cuda" if gpu else "cpu").itemsize
 
 
 def _train_estimate(plan: Plan, name: str, recipe_config, dev: Device) -> StageEstimate:
