@@ -172,8 +172,11 @@ def test_a_fault_needs_no_resubmission_and_changes_no_result(cluster, clean, sce
         assert out["leftovers"] == [], out["leftovers"]
         if scenario in ("host-train", "train-worker"):  # somebody ran the lost work again
             assert out["tries"] or out["train_decisions"], out
-        if scenario == "host-fanout":  # the lost host's shards ran again on another
-            assert any("shard_retries" in t for t in out["tries"].values()), out["tries"]
+        if scenario == "host-fanout":
+            # The lost host's work ran again: its shards on the surviving host, or, where Ray
+            # had placed the eval units' own tasks on that node, the units by the runner's retry.
+            # Which one is Ray's placement; the results are required equal either way.
+            assert any({"shard_retries", "retries"} & set(t) for t in out["tries"].values()), out
     assert cluster.alive_nodes() == [ch.HEAD_IP, ch.WORKER_IP]
 
 
