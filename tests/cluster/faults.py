@@ -165,11 +165,7 @@ def driver(h, name: str, job: str) -> dict:
 
 def alive_workers(h) -> set[str]:
     """Node ids of the alive Ray nodes on the worker's IP."""
-    r = h.ssh("head", "ray list nodes --format json --filter state=ALIVE", check=False)
-    if r.returncode != 0:
-        return set()
-    nodes = json.loads(r.stdout[r.stdout.find("["):])
-    return {n["node_id"] for n in nodes if n["node_ip"] == ch.WORKER_IP}
+    return {n["node_id"] for n in h.alive() if n["node_ip"] == ch.WORKER_IP}
 
 
 def start_worker_ray(h) -> dict:

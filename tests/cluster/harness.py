@@ -358,13 +358,16 @@ class Harness:
         cmd = ["ray", "rsync-down", str(self.work / "cluster.yaml"), remote, str(local)]
         return self.on("laptop", cmd, timeout=120)
 
-    def alive_nodes(self) -> list[str]:
-        """IPs of the alive Ray nodes, asked on the head with the token (`ray list nodes`)."""
+    def alive(self) -> list[dict]:
+        """The alive Ray nodes (`ray list nodes` on the head, with the token); [] on an error."""
         r = self.ssh("head", "ray list nodes --format json --filter state=ALIVE", check=False)
         if r.returncode != 0:
             return []
-        start = r.stdout.find("[")
-        return sorted(n["node_ip"] for n in json.loads(r.stdout[start:]))
+        return json.loads(r.stdout[r.stdout.find("[") :])
+
+    def alive_nodes(self) -> list[str]:
+        """IPs of the alive Ray nodes."""
+        return sorted(n["node_ip"] for n in self.alive())
 
     def wait_nodes(self, n: int, timeout: float = 300) -> float:
         """Seconds until `n` nodes are alive; raises after `timeout`."""
