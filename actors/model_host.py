@@ -16,6 +16,7 @@ pass the adapter with each call (``call_as``), which ``pipelines.fanout.fan_out`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -39,6 +40,8 @@ from introspect.examples import score_examples
 from introspect.logprobs import continuation_logprobs
 from introspect.models import load
 from introspect.vectors import VectorSet, load_vectors
+
+log = logging.getLogger(__name__)
 
 
 def _adapter_name(path: Path, taken: Mapping[str, str]) -> str:
@@ -226,6 +229,7 @@ class HostPool:
     pg: object = None
     infos: list[dict] = field(default_factory=list)
     wait_s: float = 0.0  # how long the pool waited for its reservation
+    asked: int | None = None  # hosts asked for, where the pool started with fewer
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -254,9 +258,12 @@ class HostPool:
 CPU_MAX_HOSTS = 4  # each CPU host holds a whole copy of the model in RAM
 
 
-def pool_size(n: int | None, num_cpus: float, max_hosts: int | None) -> tuple[int, bool]:
-    """``(hosts, on_gpus)`` for the connected cluster: one per GPU, else CPUs // num_cpus."""
-    resources = ray.cluster_resources()
+def pool_size(
+    n: int | None, num_cpus: float, max_hosts: int | None, resources: Mapping | None = None
+) -> tuple[int, bool]:
+    """``(hosts, on_gpus)`` for the connected cluster (or ``resources``): one per GPU, else
+    CPUs // num_cpus."""
+    resources = ray.cluster_resources() if resources is None else resources
     gpus = int(resources.get("GPU", 0))
     if gpus:
         if n is not None and n > gpus:
@@ -286,6 +293,7 @@ def host_pool(
     max_task_retries: int = MAX_TASK_RETRIES,
     timeout_s: float = 600.0,
     wait_for_cluster_s: float = 0.0,
+    fewer_ok: bool = False,
 ) -> HostPool:
     """Start ``n`` ModelHosts: by default one per GPU (at most ``max_hosts`` when given), or on a
     CPU cluster as many as fit in its CPUs at ``num_cpus`` each, at most ``max_hosts`` (default 4).
@@ -297,20 +305,35 @@ def host_pool(
     ``wait_for_cluster_s``: how long ``n`` hosts that do not fit in the cluster as it is now may
     wait for it to grow back (a lost node being restarted) before that is an error. The plan
     runner waits, having checked the plan against the whole cluster; a direct call does not.
+    ``fewer_ok``: past that wait, start as many hosts as are free now (at least one) instead
+    of failing; the pool's ``asked`` then says how many were asked for. The runner does so,
+    because a fan-out's results do not depend on how many hosts ran it.
     """
     if n is not None and n < 1:
         raise IntrospectError(f"n: {n} must be >= 1")
     if num_cpus <= 0:
         raise IntrospectError(f"num_cpus: {num_cpus} must be > 0")
     deadline = time.monotonic() + wait_for_cluster_s
+    asked = None
     while True:
         try:
             size, on_gpus = pool_size(n, num_cpus, max_hosts)
             break
-        except IntrospectError:
-            if time.monotonic() >= deadline:
+        except IntrospectError as short:
+            if time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            if not fewer_ok or n is None:
                 raise
-            time.sleep(2)
+            free = ray.available_resources()  # of the cluster's kind of device only
+            kind = "GPU" if ray.cluster_resources().get("GPU") else "CPU"
+            try:  # the node never came back: go on with what is free now
+                size, on_gpus = pool_size(None, num_cpus, n, {kind: free.get(kind, 0.0)})
+            except IntrospectError:
+                raise short from None
+            asked = n
+            log.warning("%s; starting %d of them after %.0f s", short, size, wait_for_cluster_s)
+            break
     bundle = {"GPU": 1, "CPU": num_cpus} if on_gpus else {"CPU": num_cpus}
     pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
     t0 = time.monotonic()
@@ -334,7 +357,7 @@ def host_pool(
         ).remote(model, adapter, dtype, None, trust_remote_code)
         for i in range(size)
     ]
-    pool = HostPool(hosts, pg, wait_s=time.monotonic() - t0)
+    pool = HostPool(hosts, pg, wait_s=time.monotonic() - t0, asked=asked)
     try:
         # No retries: a host that cannot load its model will not load it on a second try.
         infos = [h.info.options(max_task_retries=0).remote() for h in hosts]

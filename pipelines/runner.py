@@ -140,6 +140,8 @@ def _execute(
         timing.update(_cost(plan, kind, metrics, started, ended, len(pool) if pool else 1))
         if pool is not None:  # a pool started only when its devices were free waits ~0 s
             timing["pool_wait_s"] = pool.wait_s
+            if pool.asked:  # started on fewer hosts than asked: a node stayed lost
+                timing["pool_hosts_asked"] = pool.asked
             # Shards whose host was lost and ran again elsewhere; hosts Ray restarted; shards a
             # retry of the unit read back from an earlier try.
             for k, name in (("retries", "shard_retries"), ("revived", "hosts_revived"),

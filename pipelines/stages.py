@@ -71,7 +71,9 @@ def run_stage(
     return metrics
 
 
-POOL_WAIT_S = 600.0  # as long as host_pool waits for its placement group
+# How long an eval stage's pool waits for a lost node to come back before it starts on the
+# hosts that are free: an autoscaler restarts a node in a minute or two when it does at all.
+POOL_WAIT_S = 120.0
 
 
 def stage_pool(plan: Plan, name: str):
@@ -87,8 +89,10 @@ def stage_pool(plan: Plan, name: str):
             num_cpus=plan.resources.cpus_per_worker,
             dtype=eval_dtype(plan, name),  # what each model's own load would use
             # The plan was checked against the whole cluster; one that is short of a node now
-            # is short of a lost one the autoscaler is restarting.
+            # is short of a lost one the autoscaler is restarting. If it stays lost the stage
+            # runs on fewer hosts: the fan-out's rows are the same for any number of them.
             wait_for_cluster_s=POOL_WAIT_S,
+            fewer_ok=True,
         )
     except IntrospectError as e:
         raise IntrospectError(f"stages.{name}.{e}") from None

@@ -4,12 +4,12 @@ import json
 import logging
 
 import pytest
+import ray
 from click.testing import CliRunner
 from test_ray_hosts import CONCEPTS, RANDOM, lora_dir
 from test_ray_hosts import pool as pool  # noqa: F401 - the 2-host tiny-random pool fixture
 
 from cluster.cli import app
-from introspect.errors import IntrospectError
 from introspect.evals.behavioral import run_behavioral
 from introspect.evals.detection import run_detection
 from introspect.evals.identity import run_identity
@@ -154,9 +154,10 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path, monkeypa
     # `hosts` changes where the models run, not what they compute: nothing reruns without it.
     plan.stages["b1"].hosts = 0
     assert {str(v) for v in run_plan(plan, progress=False).values()} == {"skipped"}
-    # A pool that cannot fit is one line naming the field (at once: the runner's wait for a lost
-    # node to come back is for plans checked against the whole cluster).
+    # A stage's pool that cannot have its hosts (the plan was checked against the whole cluster,
+    # so a node is lost) waits for the node, then starts on the hosts that are free.
     monkeypatch.setattr(S, "POOL_WAIT_S", 0.0)
     plan.stages["b1"].hosts = 9
-    with pytest.raises(IntrospectError, match=r"^stages\.b1\.hosts: 9 hosts .* do not fit"):
-        S.stage_pool(plan, "b1")
+    free = ray.available_resources().get("CPU", 0.0)  # what the pool fixture leaves: 1 CPU
+    with S.stage_pool(plan, "b1") as short:
+        assert (short.asked, len(short)) == (9, int(free // 0.5))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -177,6 +178,22 @@ def start_worker_ray(h) -> dict:
     return {"rc": r.returncode, "tail": (r.stdout + r.stderr).strip()[-300:]}
 
 
+BUSY = ("waiting-for-ssh", "syncing-files", "setting-up")  # the autoscaler's updater, mid-way
+_STATUS = re.compile(r"New status: ([a-z-]+)")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def updater_status(h) -> str | None:
+    """The head autoscaler's last node-updater status (monitor.out; the worker is its only
+    node): one of BUSY while it is restarting the worker's Ray."""
+    logs = sorted((h.hosts["head"].dir / "tmp" / "ray").glob("session_2*/logs/monitor.out"),
+                  key=lambda f: f.stat().st_mtime)
+    if not logs:
+        return None
+    found = _STATUS.findall(_COLOUR.sub("", logs[-1].read_text(errors="replace")))
+    return found[-1] if found else None
+
+
 def monitor_tail(h, n: int = 15) -> list[str]:
     """The head autoscaler's last lines about the worker (why it did not restart it)."""
     logs = sorted((h.hosts["head"].dir / "tmp" / "ray").glob("session_2*/logs/monitor.log"),
@@ -201,14 +218,19 @@ class WorkerBack(threading.Thread):
         return bool(alive_workers(self.h) - self.before)
 
     def run(self) -> None:
-        while time.time() - self.t0 < AUTOSCALER_GRACE_S:
+        # Past the grace, an updater still mid-restart gets as long again: a second `ray stop;
+        # ray start` from the harness in the middle of its own would undo it.
+        while time.time() - self.t0 < AUTOSCALER_GRACE_S or (
+            updater_status(self.h) in BUSY and time.time() - self.t0 < 2 * AUTOSCALER_GRACE_S
+        ):
             if self.back():
                 self.record = {"by": "autoscaler", "after_s": round(time.time() - self.t0, 1)}
                 return
             time.sleep(5)
-        self.record = {"by": "harness", "monitor": monitor_tail(self.h),
+        self.record = {"by": "harness", "updater": updater_status(self.h),
+                       "monitor": monitor_tail(self.h),
                        "start": start_worker_ray(self.h)}
-        while time.time() - self.t0 < AUTOSCALER_GRACE_S + 180 and not self.back():
+        while time.time() - self.t0 < 3 * AUTOSCALER_GRACE_S and not self.back():
             time.sleep(3)
         self.record["after_s"] = round(time.time() - self.t0, 1)
         self.record["back"] = self.back()

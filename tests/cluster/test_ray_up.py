@@ -177,6 +177,8 @@ def test_a_fault_needs_no_resubmission_and_changes_no_result(cluster, clean, sce
             # had placed the eval units' own tasks on that node, the units by the runner's retry.
             # Which one is Ray's placement; the results are required equal either way.
             assert any({"shard_retries", "retries"} & set(t) for t in out["tries"].values()), out
+    # Both nodes again for what follows (the next run starts only on a whole cluster too).
+    faults.whole_cluster(cluster)
     assert cluster.alive_nodes() == [ch.HEAD_IP, ch.WORKER_IP]
 
 
