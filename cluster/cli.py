@@ -43,7 +43,7 @@ vectors = LazyGroup(
 )  # fmt: skip
 evals = LazyGroup(
     "eval",
-    help="Evaluation suites B1-B7.",
+    help="Evaluation suites B1-B7 and the controls.",
     lazy={s: _cmd(s, f"eval.{s}", **_EVAL) for s in EVAL_SUITES},
 )
 stance = LazyGroup(

@@ -237,6 +237,25 @@ def answer_probabilities(
     return p_yes, mass
 
 
+LOGIT_STATS = ("entropy", "yes_no_gap", "top1_logprob", "top10_mass", "logsumexp")
+
+
+def logit_stats(logits: torch.Tensor, answer_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row, statistics of the whole next-token distribution at the answer position (the
+    :data:`LOGIT_STATS`): what a probe that reads only the output's shape, not the answer, has
+    to go on (the logit-shift baseline of the controls)."""
+    logits = logits.float()
+    logp = logits.log_softmax(-1)
+    pair = logits.gather(1, answer_ids)
+    return {
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "yes_no_gap": pair[:, 0] - pair[:, 1],
+        "top1_logprob": logp.max(-1).values,
+        "top10_mass": logp.topk(10, -1).values.exp().sum(-1),
+        "logsumexp": logits.logsumexp(-1),
+    }
+
+
 def _batch_order(prompt: DetectionPrompt, share_prefixes: bool) -> tuple:
     """Sort key of the trials: by length, so batches carry little padding; for sharing, one
     prefix's trials side by side (by prefix length first, which keeps padding low too)."""
@@ -250,6 +269,7 @@ def _batch_order(prompt: DetectionPrompt, share_prefixes: bool) -> tuple:
 class DetectionScores:
     p_yes: list[float]
     yes_no_mass: list[float]
+    stats: dict[str, list[float]] = field(default_factory=dict)  # LOGIT_STATS, when asked
 
 
 def score_detection(
@@ -260,6 +280,7 @@ def score_detection(
     info_prompt: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     share_prefixes: bool = True,
+    stats: bool = False,
 ) -> DetectionScores:
     """Score trials in batches; results come back in the input order.
 
@@ -273,6 +294,8 @@ def score_detection(
     ``share_prefixes`` (the default) instead orders trials by prefix, so that the steerings of one
     context land in one batch, and runs each batch's distinct prefixes once below the layers where
     their steerings begin (:mod:`introspect.prefix_share`); the answers are the same.
+
+    ``stats``: also each row's :func:`logit_stats`.
     """
     if batch_size < 1:
         raise IntrospectError(f"batch_size: {batch_size} must be >= 1")
@@ -286,6 +309,7 @@ def score_detection(
     todo = sorted({*source}, key=lambda i: _batch_order(prompts[i], share_prefixes))
     p_yes = [0.0] * len(prompts)
     mass = [0.0] * len(prompts)
+    extra = {k: [0.0] * len(prompts) for k in LOGIT_STATS} if stats else {}
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if progress is not None:
@@ -298,8 +322,14 @@ def score_detection(
         py, m = answer_probabilities(logits, batch.answer_ids)
         for j, i in enumerate(idx):
             p_yes[i], mass[i] = float(py[j]), float(m[j])
+        if stats:
+            for k, v in logit_stats(logits, batch.answer_ids).items():
+                for j, i in enumerate(idx):
+                    extra[k][i] = float(v[j])
         if progress is not None:
             progress(start + len(idx), len(todo))
     for i, s in enumerate(source):
         p_yes[i], mass[i] = p_yes[s], mass[s]
-    return DetectionScores(p_yes=p_yes, yes_no_mass=mass)
+        for values in extra.values():
+            values[i] = values[s]
+    return DetectionScores(p_yes=p_yes, yes_no_mass=mass, stats=extra)

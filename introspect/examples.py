@@ -232,13 +232,19 @@ def score_examples(
     batch_size: int = 16,
     info_prompt: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stats: bool = False,
 ) -> pd.DataFrame:
-    """The scores table: the example columns plus ``p_yes`` and ``yes_no_mass``.
+    """The scores table: the example columns plus ``p_yes`` and ``yes_no_mass`` (and with
+    ``stats`` the answer position's :data:`introspect.detection.LOGIT_STATS`).
 
     ``progress(done, total)``: see :func:`introspect.detection.score_detection`."""
     examples = to_detection_examples(df, vector_sets, lm.n_layers, lm.d_model)
-    scores = score_detection(lm.model, lm.tokenizer, examples, batch_size, info_prompt, progress)
+    scores = score_detection(
+        lm.model, lm.tokenizer, examples, batch_size, info_prompt, progress, stats=stats
+    )
     out = df.copy()
     out["p_yes"] = scores.p_yes
     out["yes_no_mass"] = scores.yes_no_mass
+    for k, v in scores.stats.items():
+        out[k] = v
     return out

@@ -198,6 +198,13 @@ def _suite_work(suite: str, cfg) -> tuple[int, int, int, int]:
         return 0, 0, n, cfg.max_new_tokens
     if suite == "localization":
         return len(cfg.questions or QUESTIONS) * cfg.n_per_question, tp + ts, 0, 0
+    if suite == "yes-bias":
+        from introspect.evals.behavioral import behavioral_trials
+        from introspect.evals.common import read_json, read_resource
+
+        qs = read_json(cfg.questions, "questions") if cfg.questions else None
+        n = len(behavioral_trials(qs or read_resource("yes_bias.json")))
+        return 2 * n * cfg.n_per_question, tp + ts, 0, 0
     raise IntrospectError(f"check: no workload model for suite {suite!r}")
 
 

@@ -136,6 +136,7 @@ RECIPES: dict[str, Recipe] = {
         _suite("calibration", "B5: reported vs actual answer distributions."),
         _suite("concepts", "B6: which concept was injected (keyword + embedding judges)."),
         _suite("localization", "B7: which layers / how strong / which sentence."),
+        _suite("yes-bias", "Control: P(yes) on unrelated questions, steered vs unsteered."),
         Recipe("stance.train", "pipelines.recipes.stance:train", "SFT or DPO on a stance corpus."),
         Recipe("stance.weights", "pipelines.recipes.stance:weights", "Per-module weight changes."),
         Recipe(

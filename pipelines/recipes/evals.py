@@ -83,6 +83,10 @@ def _b7(m: dict) -> str:
     return "B7 accuracy: " + accuracies(m["questions"])
 
 
+def _yes_bias(m: dict) -> str:
+    return f"yes-bias control: {m['verdict']} ({m['excluded']} of {m['n_rows']} rows excluded)"
+
+
 detection = _suite("introspect.evals.detection", "DetectionEvalConfig", "run_detection", _b1)
 behavioral = _suite("introspect.evals.behavioral", "BehavioralConfig", "run_behavioral", _b2)
 identity = _suite("introspect.evals.identity", "IdentityConfig", "run_identity", _b3)
@@ -94,3 +98,4 @@ concepts = _suite("introspect.evals.concepts", "ConceptsConfig", "run_concepts",
 localization = _suite(
     "introspect.evals.localization", "LocalizationConfig", "run_localization", _b7
 )
+yes_bias = _suite("introspect.evals.yes_bias", "YesBiasConfig", "run_yes_bias", _yes_bias)
