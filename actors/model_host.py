@@ -256,6 +256,7 @@ class HostPool:
 
 
 CPU_MAX_HOSTS = 4  # each CPU host holds a whole copy of the model in RAM
+PLACE_S = 30.0  # the least a pool that may start with fewer hosts waits for its reservation
 
 
 def pool_size(
@@ -306,8 +307,10 @@ def host_pool(
     wait for it to grow back (a lost node being restarted) before that is an error. The plan
     runner waits, having checked the plan against the whole cluster; a direct call does not.
     ``fewer_ok``: past that wait, start as many hosts as are free now (at least one) instead
-    of failing; the pool's ``asked`` then says how many were asked for. The runner does so,
-    because a fan-out's results do not depend on how many hosts ran it.
+    of failing; likewise when the cluster is whole but the hosts' reservation is not placed
+    within ``wait_for_cluster_s`` (devices still held by other work). The pool's ``asked``
+    then says how many were asked for. The runner does so, because a fan-out's results do not
+    depend on how many hosts ran it.
     """
     if n is not None and n < 1:
         raise IntrospectError(f"n: {n} must be >= 1")
@@ -335,16 +338,26 @@ def host_pool(
             log.warning("%s; starting %d of them after %.0f s", short, size, wait_for_cluster_s)
             break
     bundle = {"GPU": 1, "CPU": num_cpus} if on_gpus else {"CPU": num_cpus}
-    pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
     t0 = time.monotonic()
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
+    # A reservation on free devices is placed in well under PLACE_S; one that is not, waits for
+    # devices other work holds.
+    first = max(wait_for_cluster_s, PLACE_S) if fewer_ok and size > 1 else timeout_s
+    pg = _placed(bundle, size, min(first, timeout_s))
+    if pg is None and fewer_ok and size > 1:
+        # The cluster is whole but its devices are not all free (a lost node's work still
+        # holds a reservation): go on with the hosts that fit in what is free.
+        free = ray.available_resources()
+        fit = min(int(free.get(k, 0.0) // v) for k, v in bundle.items())
+        fewer = max(1, min(fit, size - 1))
+        log.warning("%d hosts of %s not placed within %.0f s; starting %d", size, bundle,
+                    first, fewer)  # fmt: skip
+        asked, size = asked or size, fewer
+        pg = _placed(bundle, size, timeout_s)
+    if pg is None:
         raise IntrospectError(
             f"n: {size} hosts of {bundle} could not be placed within {timeout_s:.0f} s "
             f"(free: {ray.available_resources()}); lower n or free resources"
-        ) from None
+        )
     hosts = [
         ModelHost.options(
             num_cpus=num_cpus,
@@ -371,6 +384,18 @@ def host_pool(
             f"model: hosts did not load {model!r} within {timeout_s:.0f} s"
         ) from None
     return pool
+
+
+def _placed(bundle: dict, size: int, timeout_s: float):
+    """A PACK placement group of ``size`` bundles once it is placed, or None (and removed) if
+    it is not within ``timeout_s``."""
+    pg = placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        return pg
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        return None
 
 
 def _load_error(model: str, e: Exception) -> IntrospectError:

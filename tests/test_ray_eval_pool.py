@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from test_ray_hosts import CONCEPTS, RANDOM, lora_dir
 from test_ray_hosts import pool as pool  # noqa: F401 - the 2-host tiny-random pool fixture
 
+from actors.model_host import host_pool
 from cluster.cli import app
+from introspect.errors import IntrospectError
 from introspect.evals.behavioral import run_behavioral
 from introspect.evals.detection import run_detection
 from introspect.evals.identity import run_identity
@@ -161,3 +163,10 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path, monkeypa
     free = ray.available_resources().get("CPU", 0.0)  # what the pool fixture leaves: 1 CPU
     with S.stage_pool(plan, "b1") as short:
         assert (short.asked, len(short)) == (9, int(free // 0.5))
+    # A whole cluster whose CPUs are partly held (the fixture's pool): 3 hosts fit the cluster
+    # but their reservation cannot be placed; the stage goes on with the 2 that are free.
+    plan.stages["b1"].hosts = 3
+    with S.stage_pool(plan, "b1") as held:
+        assert (held.asked, len(held)) == (3, int(free // 0.5))
+    with pytest.raises(IntrospectError, match="could not be placed within 1 s"):
+        host_pool("tiny-random", n=3, num_cpus=0.5, timeout_s=1)  # a direct call says so

@@ -183,15 +183,28 @@ _STATUS = re.compile(r"New status: ([a-z-]+)")
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def updater_status(h) -> str | None:
-    """The head autoscaler's last node-updater status (monitor.out; the worker is its only
-    node): one of BUSY while it is restarting the worker's Ray."""
+def updater_statuses(h) -> list[str]:
+    """The head autoscaler's node-updater statuses so far (monitor.out; the worker is its only
+    node): BUSY ones while it restarts the worker's Ray, then up-to-date or update-failed."""
     logs = sorted((h.hosts["head"].dir / "tmp" / "ray").glob("session_2*/logs/monitor.out"),
                   key=lambda f: f.stat().st_mtime)
     if not logs:
-        return None
-    found = _STATUS.findall(_COLOUR.sub("", logs[-1].read_text(errors="replace")))
-    return found[-1] if found else None
+        return []
+    return _STATUS.findall(_COLOUR.sub("", logs[-1].read_text(errors="replace")))
+
+
+def start_until_back(h, back, deadline: float) -> list[dict]:
+    """Start the worker's Ray (start_worker_ray) until `back()` or the deadline. Under load a
+    `ray start` can give up waiting for its raylet to register (Ray's fixed 30 s: "The current
+    node timed out during startup"), which is also why the autoscaler's own restart fails
+    (update-failed) and it does not try again; so try again."""
+    starts = []
+    while time.time() < deadline and not back():
+        starts.append(start_worker_ray(h))
+        settle = time.time() + (60 if starts[-1]["rc"] == 0 else 10)
+        while time.time() < min(settle, deadline) and not back():
+            time.sleep(3)
+    return starts
 
 
 def monitor_tail(h, n: int = 15) -> list[str]:
@@ -219,19 +232,23 @@ class WorkerBack(threading.Thread):
 
     def run(self) -> None:
         # Past the grace, an updater still mid-restart gets as long again: a second `ray stop;
-        # ray start` from the harness in the middle of its own would undo it.
-        while time.time() - self.t0 < AUTOSCALER_GRACE_S or (
-            updater_status(self.h) in BUSY and time.time() - self.t0 < 2 * AUTOSCALER_GRACE_S
-        ):
+        # ray start` from the harness in the middle of its own would undo it. One that failed
+        # (update-failed since the kill) does not try again: the harness starts at once.
+        seen = len(updater_statuses(self.h))
+        while True:
             if self.back():
                 self.record = {"by": "autoscaler", "after_s": round(time.time() - self.t0, 1)}
                 return
+            since = updater_statuses(self.h)[seen:]
+            waited = time.time() - self.t0
+            if "update-failed" in since or waited > 2 * AUTOSCALER_GRACE_S or (
+                waited > AUTOSCALER_GRACE_S and (not since or since[-1] not in BUSY)
+            ):
+                break
             time.sleep(5)
-        self.record = {"by": "harness", "updater": updater_status(self.h),
-                       "monitor": monitor_tail(self.h),
-                       "start": start_worker_ray(self.h)}
-        while time.time() - self.t0 < 3 * AUTOSCALER_GRACE_S and not self.back():
-            time.sleep(3)
+        self.record = {"by": "harness", "updater": since, "monitor": monitor_tail(self.h)}
+        self.record["starts"] = start_until_back(self.h, self.back,
+                                                 self.t0 + 4 * AUTOSCALER_GRACE_S)
         self.record["after_s"] = round(time.time() - self.t0, 1)
         self.record["back"] = self.back()
 
@@ -242,8 +259,9 @@ def whole_cluster(h, timeout: float = 120) -> dict:
     try:
         return {"waited_s": h.wait_nodes(2, timeout=timeout)}
     except RuntimeError:
-        out = {"monitor": monitor_tail(h), "start": start_worker_ray(h)}
-        out["waited_s"] = h.wait_nodes(2, timeout=180)
+        out = {"monitor": monitor_tail(h)}
+        out["starts"] = start_until_back(h, lambda: len(h.alive()) >= 2, time.time() + 420)
+        out["waited_s"] = h.wait_nodes(2, timeout=60)
         return out
 
 
@@ -298,7 +316,7 @@ def run(h, scenario: str, i: int) -> dict:
     t0 = time.time()
     job = h.job_id(h.submit_plan(plan, wait=False))
     out = {"scenario": scenario, "run": i, "job": job}
-    if "start" in before:
+    if "starts" in before:
         out["cluster_before"] = before
     workers = alive_workers(h)
     out["fault"] = FAULTS[scenario](h, name, job)
