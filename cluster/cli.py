@@ -38,7 +38,9 @@ vectors = LazyGroup(
             "random", "vectors", fixed={"type": "random"},
             hide=("layer", "concepts", "batch_size", "dtype"),
         ),
-        "concepts": _cmd("concepts", "vectors", fixed={"type": "concepts"}, hide=("n_train",)),
+        "concepts": _cmd("concepts", "vectors", fixed={"type": "concepts"}),
+        "matched": _cmd("matched", "vectors", fixed={"type": "matched"}),
+        "contrast": _cmd("contrast", "vectors", fixed={"type": "contrast"}),
     },
 )  # fmt: skip
 evals = LazyGroup(

@@ -25,6 +25,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from introspect.config import Config, SystemPrompt
+from introspect.detection import ANSWER_PAIRS, ask_for
 from introspect.errors import IntrospectError
 from introspect.examples import COLUMNS
 from introspect.vectors import VectorSet
@@ -64,7 +65,17 @@ class Magnitudes(Config):
         return data
 
 
-class DataConfig(Magnitudes, SystemPrompt):
+class Answers(Config):
+    """The answer pair the detection question asks for."""
+
+    answers: Literal[tuple(ANSWER_PAIRS)] = Field(  # type: ignore[valid-type]
+        "yes-no",
+        description="answer pair: yes-no, or red-blue (a neutral pair: the question ends "
+        "'Answer Red if yes and Blue if no.' and P(yes) is read as P(Red))",
+    )
+
+
+class DataConfig(Answers, Magnitudes, SystemPrompt):
     """How to draw one data set."""
 
     variant: Literal["original", "vague-prompt", "food-control", "flipped-labels"] = Field(
@@ -169,7 +180,7 @@ def make_examples(
         vector_idx = [None] * n
         starts = ends = np.zeros(n, dtype=np.int64)
         magnitude = np.zeros(n)
-        questions = [prompts["food_question"]] * n
+        questions = [ask_for(prompts["food_question"], config.answers)] * n
     else:
         steered = rng.permutation(np.arange(n) < round(n * config.steered_fraction))
         ranges = list(layer_ranges(n_layers).values())
@@ -190,7 +201,7 @@ def make_examples(
         asked = prompts[
             "vague_questions" if config.variant == "vague-prompt" else "detection_questions"
         ]
-        questions = [asked[i] for i in rng.integers(len(asked), size=n)]
+        questions = [ask_for(asked[i], config.answers) for i in rng.integers(len(asked), size=n)]
     rows = {
         "steered": steered,
         "vector_idx": vector_idx,
@@ -208,7 +219,10 @@ def make_examples(
     df["assistant_response"] = [replies[i] for i in rng.integers(len(replies), size=n)]
     df["system_prompt"] = config.system_prompt
     df["variant"] = config.variant
-    return df[list(COLUMNS)]
+    df = df[list(COLUMNS)]
+    if config.answers != "yes-no":
+        df["answers"] = config.answers
+    return df
 
 
 def split(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +34,23 @@ from introspect.steering import Steering, position_mask, steer
 
 PREFILL = "The answer is"
 YES_NO = (" yes", " no")
+# The answer pairs a detection question can ask for, (positive, negative). A neutral pair tests
+# whether detection rides on the " yes" token itself (a critique of the field: the answer
+# tokens' priors drive the effect); its question says which colour means which.
+ANSWER_PAIRS: dict[str, tuple[str, str]] = {"yes-no": YES_NO, "red-blue": (" Red", " Blue")}
+_ASK = re.compile(r"\s*(please\s+)?answer\s+(with\s+)?yes\s+or\s+no\.?\s*$", re.IGNORECASE)
+
+
+def ask_for(question: str, answers: str) -> str:
+    """``question`` asking for the ``answers`` pair: a yes/no question's closing "Answer yes or
+    no." becomes "Answer Red if yes and Blue if no." for the red-blue pair (appended when the
+    question has no such sentence)."""
+    if answers == "yes-no":
+        return question
+    if answers not in ANSWER_PAIRS:
+        raise IntrospectError(f"answers: {answers!r} is not one of {', '.join(ANSWER_PAIRS)}")
+    pos, neg = (a.strip() for a in ANSWER_PAIRS[answers])
+    return f"{_ASK.sub('', question).rstrip()} Answer {pos} if yes and {neg} if no."
 
 
 @dataclass

@@ -4,7 +4,8 @@ Columns (DESIGN.md): ``steered`` bool, ``vector_set`` str, ``vector_idx`` int|nu
 ``layer_start`` int, ``layer_end`` int (exclusive), ``magnitude`` float, ``context_prompt``,
 ``assistant_response``, ``detection_question``, ``system_prompt`` (nullable), ``label`` bool,
 ``variant`` str. Parquet, or JSONL for hand-made files, where ``system_prompt``, ``label`` (=
-``steered``) and ``variant`` may be left out.
+``steered``) and ``variant`` may be left out. An optional ``answers`` column names the answer
+pair each row asks for (:data:`introspect.detection.ANSWER_PAIRS`; absent = yes/no).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from introspect.detection import DetectionExample, DetectionPrompt, build_prompt, score_detection
+from introspect.detection import (
+    ANSWER_PAIRS,
+    DetectionExample,
+    DetectionPrompt,
+    build_prompt,
+    score_detection,
+)
 from introspect.errors import IntrospectError
 from introspect.io import atomic_write
 from introspect.models import LoadedModel
@@ -132,6 +139,15 @@ def normalise(df: pd.DataFrame, source: str = "examples") -> pd.DataFrame:
     df["vector_idx"] = df["vector_idx"].astype("Int64")
     for col in ("context_prompt", "assistant_response", "detection_question", "vector_set"):
         df[col] = df[col].fillna("").astype(str)
+    if "answers" in df.columns:
+        df["answers"] = df["answers"].fillna("yes-no").astype(str)
+        bad = ~df["answers"].isin(list(ANSWER_PAIRS))
+        if bad.any():
+            row = int(bad.idxmax())
+            raise IntrospectError(
+                f"examples: row {row} field 'answers' is {df['answers'][row]!r}, not one of "
+                f"{', '.join(ANSWER_PAIRS)}"
+            )
     steered_without_vector = df["steered"] & df["vector_idx"].isna()
     if steered_without_vector.any():
         row = int(steered_without_vector.idxmax())
@@ -184,6 +200,7 @@ def _example(row, steering: Steering | None) -> DetectionExample:
         detection_question=row.detection_question,
         system_prompt=None if pd.isna(row.system_prompt) else row.system_prompt,
         steering=steering,
+        answer_tokens=ANSWER_PAIRS[getattr(row, "answers", "yes-no")],
     )
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from introspect.control_verdicts import controls_markdown
 from introspect.errors import IntrospectError
 from introspect.io import markdown_table, read_json, write_text
+from introspect.replicates import seeds_markdown
 from introspect.verdicts import success_markdown
 
 
@@ -127,6 +129,9 @@ def build_report(root: str | os.PathLike) -> Path:
     states = unit_states(root, plan, dirs)
     parts += failed_section(states)
     parts += [success_markdown(plan, dirs)]
+    controls = controls_markdown(plan, dirs)
+    if controls:
+        parts += [controls]
 
     # The B1 comparison across models, and the verdicts.
     for name, s in stages.items():
@@ -147,6 +152,9 @@ def build_report(root: str | os.PathLike) -> Path:
             train = read_json(dirs[m] / "run" / "metrics.json") if m in dirs else None
             parts.append(f"- {verdict(m, presets.get(m), metrics, train)}")
         parts += [""]
+    seeds = seeds_markdown(plan, dirs)
+    if seeds:
+        parts += [seeds]
 
     # Every stage's own summary, grouped by kind.
     titles = {

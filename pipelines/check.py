@@ -193,8 +193,10 @@ def _suite_work(suite: str, cfg) -> tuple[int, int, int, int]:
     if suite == "calibration":
         n = cfg.n_prompts or 12
         return 0, 0, n * (cfg.n_samples + 1), max(cfg.answer_tokens, cfg.report_tokens // 4)
-    if suite == "concepts":
+    if suite in ("concepts", "susceptibility"):
         n = cfg.n_concepts * len(cfg.magnitudes) * cfg.n_samples * 2
+        if suite == "susceptibility":  # + the KL: each steered row and its twin read once more
+            return n, tp + ts, n, cfg.max_new_tokens
         return 0, 0, n, cfg.max_new_tokens
     if suite == "localization":
         return len(cfg.questions or QUESTIONS) * cfg.n_per_question, tp + ts, 0, 0
@@ -205,6 +207,15 @@ def _suite_work(suite: str, cfg) -> tuple[int, int, int, int]:
         qs = read_json(cfg.questions, "questions") if cfg.questions else None
         n = len(behavioral_trials(qs or read_resource("yes_bias.json")))
         return 2 * n * cfg.n_per_question, tp + ts, 0, 0
+    if suite == "input-control":
+        return (2 + len(cfg.perturbations)) * cfg.n_trials, tp + ts, 0, 0
+    if suite == "side-effects":
+        from introspect.evals.behavioral import behavioral_trials
+        from introspect.evals.common import read_json
+        from introspect.evals.side_effects import capability_trials
+
+        qs = read_json(cfg.questions, "questions") if cfg.questions else None
+        return len(behavioral_trials()), 60, len(capability_trials(qs)), cfg.max_new_tokens
     raise IntrospectError(f"check: no workload model for suite {suite!r}")
 
 

@@ -21,7 +21,7 @@ Need = dict[str, float]  # {"CPU": n, "GPU": n}
 def loads_model(stage) -> bool:
     """Whether the stage's own task loads the model (a training's workers are counted apart)."""
     if stage.kind == "vectors":
-        return stage.type == "concepts"
+        return stage.type != "random"
     if stage.kind == "data":
         return stage.magnitude_mode == "relative" and not stage.norms
     return stage.kind in ("norms", "eval", "stance", "localize")

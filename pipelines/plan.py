@@ -93,7 +93,7 @@ class SweepStage(TrainStage, SweepSettings):
 
 class EvalStage(_Stage):
     kind: Literal["eval"]
-    suite: Literal[EVAL_SUITES] = Field(description="the evaluation suite (B1-B7, yes-bias)")
+    suite: Literal[EVAL_SUITES] = Field(description="the evaluation suite (B1-B7 and the controls)")
     models: list[str] = Field([BASE], description="'base' and/or names of train stages")
     vectors: list[str] = Field([], description="vector stages (detection: random, then concepts)")
     options: dict[str, Any] = Field({}, description="the suite's options")

@@ -129,6 +129,30 @@ def model_dims(cfg: ModelConfig, lm) -> tuple[int, int]:
     return (lm.n_layers, lm.d_model) if lm is not None else dims(cfg.model)
 
 
+def held_out_steering(cfg, lm, mapper):
+    """What a control suite steers with: ``(n_layers, vectors, texts, magnitudes)`` - the
+    vector file ``cfg.vectors`` (its held-out rows are used, see :func:`held_out_rows`), the
+    shipped prompts, and the magnitudes per layer range (``cfg`` is a
+    :class:`introspect.data.Magnitudes`; relative ones are measured where the model is)."""
+    from introspect.activations import base_residual_norms
+    from introspect.data import absolute_magnitudes, default_prompts
+    from introspect.vectors import load_vectors
+
+    n_layers, d_model = model_dims(cfg, lm)
+    vs = load_vectors(cfg.vectors, d_model)
+    texts = default_prompts()
+    norms = None
+    if cfg.magnitude_mode == "relative":
+        norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=texts["context_prompts"])
+    return n_layers, vs, texts, absolute_magnitudes(cfg, n_layers, norms)
+
+
+def held_out_rows(vs) -> range:
+    """A vector set's held-out rows (``>= n_train``), or all rows when none are held out."""
+    n = vs.vectors.shape[0]
+    return range(vs.n_train, n) if vs.n_train < n else range(n)
+
+
 def suite_mapper(cfg: ModelConfig, lm=None, mapper=None, progress=None):
     """The mapper a suite runs its per-shard function with: ``mapper`` when given, else
     :func:`in_process` on ``lm`` (loaded from ``cfg`` when not given) reporting to ``progress``."""

@@ -353,16 +353,10 @@ def plot(metrics: dict, path: Path, label: str) -> None:
         ax.legend(fontsize=7)
 
 
-def run_concepts(
-    config: ConceptsConfig | dict,
-    out_dir: str | os.PathLike,
-    *,
-    lm: LoadedModel | None = None,
-    mapper=None,
-    progress: Progress | None = None,
-) -> dict:
-    """Plan stage: concept vectors and residual norms (on ``lm``), steered + control answers
-    (run by ``mapper``), judges, metrics, files."""
+def injection(cfg: ConceptsConfig, lm, mapper, contexts: list[str]):
+    """Where and how strongly a run injects: its concept vectors (``cfg.vectors``, else made on
+    the model from the shipped concepts), the layers ``(start, end)``, the extraction layer, and
+    the layers' mean residual norm over ``contexts`` (what a magnitude factor multiplies)."""
     from introspect.activations import base_residual_norms
     from introspect.vectors import (
         concept_vectors,
@@ -371,10 +365,6 @@ def run_concepts(
         load_vectors,
     )
 
-    cfg = parse(ConceptsConfig, config)
-    embedder = Embedder(cfg.embedder)  # checked before any generation: B6 judges with it
-    if lm is None and mapper is None:
-        lm = load_model(cfg)
     n_layers, d_model = model_dims(cfg, lm)
     if cfg.vectors:
         vs = load_vectors(cfg.vectors, d_model)
@@ -391,9 +381,26 @@ def run_concepts(
     start, end = cfg.layers or [max(0, layer - 2), layer + 1]
     if not 0 <= start < end <= n_layers:
         raise IntrospectError(f"layers: [{start}, {end}) is outside the model's {n_layers}")
+    norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=contexts)
+    return vs, (start, end), layer, float(np.mean(norms[start:end]))
+
+
+def run_concepts(
+    config: ConceptsConfig | dict,
+    out_dir: str | os.PathLike,
+    *,
+    lm: LoadedModel | None = None,
+    mapper=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Plan stage: concept vectors and residual norms (on ``lm``), steered + control answers
+    (run by ``mapper``), judges, metrics, files."""
+    cfg = parse(ConceptsConfig, config)
+    embedder = Embedder(cfg.embedder)  # checked before any generation: B6 judges with it
+    if lm is None and mapper is None:
+        lm = load_model(cfg)
     texts = read_resource("concepts.json")
-    norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=texts["contexts"])
-    scale = float(np.mean(norms[start:end]))
+    vs, (start, end), layer, scale = injection(cfg, lm, mapper, texts["contexts"])
     magnitudes = {f: f * scale for f in cfg.magnitudes}
     trials = concept_trials(vs.names, (start, end), magnitudes, cfg.n_samples, texts, cfg.seed)
     answers = suite_mapper(cfg, lm, mapper, progress)(

@@ -22,12 +22,14 @@ from pydantic import Field
 
 from introspect.config import parse
 from introspect.data import (
+    Answers,
     Magnitudes,
     absolute_magnitudes,
     default_prompts,
     layer_ranges,
     range_name,
 )
+from introspect.detection import ask_for
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     ModelConfig,
@@ -230,7 +232,7 @@ def write_detection_eval(
     write_json(out / "metrics.json", metrics)
 
 
-class DetectionEvalConfig(Magnitudes, ModelConfig):
+class DetectionEvalConfig(Answers, Magnitudes, ModelConfig):
     """B1 as a plan stage or CLI call sees it. ``magnitudes`` and ``magnitude_mode`` are
     :class:`introspect.data.Magnitudes`, the one definition the training data uses too (relative
     factors are of each layer range's mean residual norm, measured on the base model)."""
@@ -289,6 +291,10 @@ def run_detection(
         texts,
     )
     trials["system_prompt"] = cfg.system_prompt  # every trial's conversation starts with it
+    if cfg.answers != "yes-no":  # the same trials, asked for another answer pair
+        asked = [ask_for(q, cfg.answers) for q in trials["detection_question"]]
+        trials["detection_question"] = asked
+        trials["answers"] = cfg.answers
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
     scores, metrics = evaluate_detection(
@@ -305,8 +311,10 @@ def run_detection(
 
 def summary_markdown(metrics: dict) -> str:
     """B1's results for one model as a Markdown fragment (table + plots)."""
+    pair = metrics.get("answers", "yes-no")
     lines = [
-        f"### B1 detection: {metrics['label']}",
+        f"### B1 detection: {metrics['label']}"
+        + (f" (answers {pair}: P(yes) is P(the first of the pair))" if pair != "yes-no" else ""),
         "",
         "| tier | accuracy [95% CI] | TPR | FPR | d′ | AUROC [95% CI] | n steered/unsteered |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -32,7 +32,6 @@ from pydantic import Field
 from introspect.config import parse
 from introspect.data import (
     Magnitudes,
-    absolute_magnitudes,
     default_prompts,
     layer_ranges,
     range_name,
@@ -47,9 +46,9 @@ from introspect.evals.common import (
     finish,
     fmt_mean,
     fmt_rate,
+    held_out_rows,
+    held_out_steering,
     mean_ci,
-    model_call,
-    model_dims,
     rate,
     read_json,
     read_resource,
@@ -103,8 +102,7 @@ def yes_bias_trials(
     layer range and magnitude) each with its unsteered twin; ``pair`` ties the two."""
     prompts = prompts or default_prompts()
     rng = np.random.default_rng(seed)
-    n = vs.vectors.shape[0]
-    rows = range(vs.n_train, n) if vs.n_train < n else range(n)  # held out, else all
+    rows = held_out_rows(vs)
     ranges = list(layer_ranges(n_layers).values())
     out, meta = [], []
     for q in questions.itertuples(index=False):
@@ -282,22 +280,13 @@ def run_yes_bias(
 ) -> dict:
     """The control end to end: trials, scores, metrics, plot, ``summary.md``; returns the
     metrics. ``mapper`` scores the trials over model hosts, as B1's does."""
-    from introspect.activations import base_residual_norms
-    from introspect.vectors import load_vectors
-
     cfg = parse(YesBiasConfig, config)
     questions = behavioral_trials(
         read_json(cfg.questions, "questions") if cfg.questions else read_resource("yes_bias.json")
     )
     if questions["truth"].isna().all():
         raise IntrospectError("questions: no category has a 'truth' list")
-    n_layers, d_model = model_dims(cfg, lm)
-    vs = load_vectors(cfg.vectors, d_model)
-    texts = default_prompts()
-    norms = None
-    if cfg.magnitude_mode == "relative":
-        norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=texts["context_prompts"])
-    mags = absolute_magnitudes(cfg, n_layers, norms)
+    n_layers, vs, texts, mags = held_out_steering(cfg, lm, mapper)
     trials = yes_bias_trials(vs, n_layers, questions, cfg.n_per_question, mags, cfg.seed, texts)
     trials["system_prompt"] = cfg.system_prompt
     run = suite_mapper(cfg, lm, mapper, progress)

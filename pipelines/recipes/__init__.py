@@ -137,6 +137,9 @@ RECIPES: dict[str, Recipe] = {
         _suite("concepts", "B6: which concept was injected (keyword + embedding judges)."),
         _suite("localization", "B7: which layers / how strong / which sentence."),
         _suite("yes-bias", "Control: P(yes) on unrelated questions, steered vs unsteered."),
+        _suite("input-control", "Control: is perturbed text read as steering?"),
+        _suite("side-effects", "Control: capability exact match and B2 self-attribution."),
+        _suite("susceptibility", "Control: how far a concept vector moves free text (KL)."),
         Recipe("stance.train", "pipelines.recipes.stance:train", "SFT or DPO on a stance corpus."),
         Recipe("stance.weights", "pipelines.recipes.stance:weights", "Per-module weight changes."),
         Recipe(

@@ -87,6 +87,18 @@ def _yes_bias(m: dict) -> str:
     return f"yes-bias control: {m['verdict']} ({m['excluded']} of {m['n_rows']} rows excluded)"
 
 
+def _input_control(m: dict) -> str:
+    return f"input control: {m['verdict']} ({m['excluded']} rows excluded)"
+
+
+def _side_effects(m: dict) -> str:
+    return f"side effects: {m['verdict']}"
+
+
+def _susceptibility(m: dict) -> str:
+    return f"susceptibility: {m['verdict']}"
+
+
 detection = _suite("introspect.evals.detection", "DetectionEvalConfig", "run_detection", _b1)
 behavioral = _suite("introspect.evals.behavioral", "BehavioralConfig", "run_behavioral", _b2)
 identity = _suite("introspect.evals.identity", "IdentityConfig", "run_identity", _b3)
@@ -99,3 +111,13 @@ localization = _suite(
     "introspect.evals.localization", "LocalizationConfig", "run_localization", _b7
 )
 yes_bias = _suite("introspect.evals.yes_bias", "YesBiasConfig", "run_yes_bias", _yes_bias)
+input_control = _suite(
+    "introspect.evals.input_control", "InputControlConfig", "run_input_control", _input_control
+)
+susceptibility = _suite(
+    "introspect.evals.susceptibility", "SusceptibilityConfig", "run_susceptibility",
+    _susceptibility,
+)
+side_effects = _suite(
+    "introspect.evals.side_effects", "SideEffectsConfig", "run_side_effects", _side_effects
+)
