@@ -125,7 +125,10 @@ def range_magnitude_heatmap(
         for v, m, n in zip(cells[value], cells["magnitude"], counts, strict=True)
     ]
     rows = list(dict.fromkeys(cells["layers"]))
-    pivot = cells.pivot_table(index="layers", columns="level", values=value, sort=False).loc[rows]
+    # dropna=False: a cell the mass filter emptied (nan) stays in the grid, blank
+    pivot = cells.pivot_table(
+        index="layers", columns="level", values=value, sort=False, dropna=False
+    ).loc[rows]
     labels = cells.pivot(index="layers", columns="level", values="text").loc[rows, pivot.columns]
     heatmap(
         pivot,

@@ -64,6 +64,7 @@ def detection_table(evals: dict[str, dict]) -> pd.DataFrame:
                     "d′": f"{m['d_prime']:.2f}",
                     "AUROC [95% CI]": _ci(m, "auroc"),
                     "n s/u": f"{m['n_steered']}/{m['n_unsteered']}",
+                    "excluded (low mass)": f"{m.get('excluded', 0)}/{m.get('n_rows', '–')}",
                 }
             )
     return pd.DataFrame(rows)

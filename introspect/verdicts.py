@@ -26,8 +26,9 @@ SUITES = {"detection": "B1", "behavioral": "B2", "calibration": "B5", "localizat
 
 RULES = (
     "Rules. *B2 effect* of model A over model B: the mean, over B2's self-attribution questions "
-    "(categories `self_*`), of the per-question difference P_A(yes) − P_B(yes), with a "
-    "percentile-bootstrap 95 % interval over questions (as B2's own intervals). "
+    "(categories `self_*`) that both models answer (yes+no mass at or above B2's `min_mass`), "
+    "of the per-question difference P_A(yes) − P_B(yes), with a percentile-bootstrap 95 % "
+    "interval over questions (as B2's own intervals). "
     "*No bias*: the food-control − base interval contains 0. "
     "*Similar*: the vague-prompt − original interval contains 0. "
     "*Detects*: the Wilson 95 % interval of B1 held-out accuracy lies above 0.5. "
@@ -102,17 +103,22 @@ def measured(
 
 def self_attribution_effect(model_dir: Path, ref_dir: Path) -> dict | None:
     """B2 effect of one model over another: per-question P(yes) differences on the
-    self-attribution questions, paired by question key. ``{"mean", "n", "ci"}`` (percentile
-    bootstrap over questions); None when either unit has no per-question results."""
+    self-attribution questions that both kept (the mass filter), paired by question key.
+    ``{"mean", "n", "ci"}`` (percentile bootstrap over questions); None when either unit has no
+    per-question results."""
     import pandas as pd
 
     from introspect.evals.common import mean_ci
 
     if not (model_dir / "results.parquet").exists() or not (ref_dir / "results.parquet").exists():
         return None
-    a = pd.read_parquet(model_dir / "results.parquet", columns=["key", "category", "p_yes"])
-    b = pd.read_parquet(ref_dir / "results.parquet", columns=["key", "p_yes"])
-    both = a.merge(b, on="key", suffixes=("", "_ref"))
+    a = pd.read_parquet(model_dir / "results.parquet")
+    b = pd.read_parquet(ref_dir / "results.parquet")
+    # Questions the mass filter left out of either model's B2 are left out of the pair too.
+    a, b = (d[d["kept"]] if "kept" in d.columns else d for d in (a, b))
+    both = a[["key", "category", "p_yes"]].merge(
+        b[["key", "p_yes"]], on="key", suffixes=("", "_ref")
+    )
     both = both[both["category"].str.startswith("self")]
     return mean_ci((both["p_yes"] - both["p_yes_ref"]).tolist())
 

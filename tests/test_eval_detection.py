@@ -88,3 +88,25 @@ def test_stage_defaults_to_relative_magnitudes(tiny, tmp_path):
     assert set(m["tiers"]) == {"in_distribution", "held_out"} and m["label"] == "tiny-random"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_per_tier"] == 4
     assert "### B1 detection" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_the_mass_filter_counts_and_leaves_out_low_mass_rows():
+    import numpy as np
+
+    from introspect.evals.detection import tier_metrics
+
+    rng = np.random.default_rng(0)
+    n = 40
+    scores = pd.DataFrame({
+        "tier": ["held_out"] * n, "label": np.arange(n) % 2 == 0,
+        "p_yes": rng.uniform(size=n), "yes_no_mass": rng.uniform(size=n),
+        "layer_start": 0, "layer_end": 1, "magnitude": 1.0,
+    })  # fmt: skip
+    m = tier_metrics(scores, 4, min_mass=0.5)["tiers"]["held_out"]
+    kept = scores[scores["yes_no_mass"] >= 0.5]
+    expected = detection_metrics(kept["label"].to_numpy(), kept["p_yes"].to_numpy()).to_dict()
+    assert {k: m[k] for k in expected} == expected
+    assert m["excluded"] == n - len(kept) > 0 and m["n_rows"] == n
+    assert m["cells"][0]["n"] == len(kept) and m["cells"][0]["excluded"] == m["excluded"]
+    none = tier_metrics(scores, 4, min_mass=1.0)["tiers"]["held_out"]  # every row excluded
+    assert none["excluded"] == n and np.isnan(none["accuracy"]) and none["n_steered"] == 0

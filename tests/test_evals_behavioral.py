@@ -79,7 +79,9 @@ def test_stage_writes_the_contract_files(tiny, tmp_path):
     assert calls == [(0, 3), (3, 3)]
     assert m == json.loads((out / "metrics.json").read_text())
     assert m["config"]["questions"] == str(qfile) and m["config"]["batch_size"] == 16
-    assert [c["n"] for c in m["categories"]] == [1, 2]
+    # tiny-random puts ~no mass on ' yes'/' no': the default mass filter leaves every row out.
+    assert [c["n"] for c in m["categories"]] == [0, 0]
+    assert [c["excluded"] for c in m["categories"]] == [1, 2]
     assert "### B2" in (out / "summary.md").read_text()
     assert (out / "behavioral.png").stat().st_size > 1000
     assert len(pd.read_parquet(out / "results.parquet")) == 3
@@ -90,7 +92,7 @@ def test_a_sharding_mapper_gives_the_same_results(tiny, tmp_path):
     data = {"categories": {"a": ["Is it?", "Are you?", "Do you?"], "b": ["Can it?", "Will it?"]}}
     qfile = tmp_path / "q.json"
     qfile.write_text(json.dumps(data))
-    config = {"model": "tiny-random", "questions": str(qfile)}
+    config = {"model": "tiny-random", "questions": str(qfile), "min_mass": 0.0}
     shards = []
 
     def mapper(fn, rows, **opts):
@@ -103,3 +105,19 @@ def test_a_sharding_mapper_gives_the_same_results(tiny, tmp_path):
     assert shards == [3]
     for s, p in zip(sharded["categories"], plain["categories"], strict=True):
         assert s["p_yes"]["mean"] == pytest.approx(p["p_yes"]["mean"], abs=1e-5)
+
+
+def test_the_mass_filter_leaves_low_mass_questions_out_of_every_figure():
+    results = pd.DataFrame({
+        "key": ["w:0", "w:1", "w:2", "s:0"], "category": ["world"] * 3 + ["self"],
+        "p_yes": [0.9, 0.2, 0.8, 0.7], "yes_no_mass": [0.9, 0.8, 0.1, 0.05],
+        "truth": ["yes", "no", "no", None],
+    })  # fmt: skip
+    m = behavioral_metrics(results, min_mass=0.5)
+    world, own = m["categories"]
+    assert world["n"] == 2 and world["excluded"] == 1 and own["n"] == 0 and own["excluded"] == 1
+    assert world["p_yes"]["mean"] == pytest.approx((0.9 + 0.2) / 2)
+    assert world["accuracy"]["successes"] == 2  # the wrong answer (0.8 to a 'no') was excluded
+    assert world["mean_yes_no_mass"] == pytest.approx((0.9 + 0.8 + 0.1) / 3)  # of all rows
+    everything = behavioral_metrics(results, min_mass=0.0)["categories"][0]
+    assert everything["n"] == 3 and everything["accuracy"]["successes"] == 2

@@ -87,6 +87,16 @@ def test_metrics_from_scripted_predictions():
     assert m["layers"]["answers"] == ["early", "middle", "late"]
 
 
+
+def test_the_mass_filter_leaves_out_low_mass_trials():
+    results = pd.DataFrame({"question": ["layers"] * 4, "label": [0, 1, 2, 0],
+                            "predicted": [0, 1, 0, 1],
+                            "answer_mass": [0.9, 0.6, 0.2, 0.1]})  # fmt: skip
+    m = localization_metrics(results, min_mass=0.5)["layers"]
+    assert m["excluded"] == 2 and m["accuracy"]["successes"] == 2 and m["accuracy"]["n"] == 2
+    assert m["mean_answer_mass"] == pytest.approx(0.45)  # of all trials
+    assert localization_metrics(results)["layers"]["accuracy"]["n"] == 4
+
 def test_per_shard_function_and_stage_on_tiny(tiny, tmp_path):
     trials = localization_trials(4, [1.0] * 4, range(0, 5), 3, "eval", seed=0)
     out = score_localization(tiny, trials.iloc[::-1], random_vectors(tiny.d_model, 5, 0))

@@ -30,7 +30,7 @@ def plan(runs, **retry):
             "random": {"kind": "vectors", "type": "random", "n": 12, "n_train": 6, "seed": 0},
             "b1": {"kind": "eval", "suite": "detection", "models": ["base"], "vectors": ["random"],
                    "options": {"n_per_tier": 8, "magnitudes": [8.0], "magnitude_mode": "absolute",
-                               "batch_size": 8}},
+                               "batch_size": 8, "min_mass": 0.0}},
         },
     })  # fmt: skip
 

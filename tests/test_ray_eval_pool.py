@@ -58,6 +58,7 @@ def test_b1_on_a_pool_equals_in_process(pool, tmp_path, caplog):
         "magnitude_mode": "absolute",
         "food": True,
         "batch_size": 8,
+        "min_mass": 0.0,  # tiny-random's yes+no mass is ~0: keep every row
     }  # 3 tiers of 8 trials + 8 food trials: 4 shards of at most 10
     one = run_detection(config, tmp_path / "one")
     stats: list[dict] = []
@@ -69,7 +70,8 @@ def test_b1_on_a_pool_equals_in_process(pool, tmp_path, caplog):
     args = ["eval", "detection", "--model", "tiny-random", "--vectors", config["vectors"]]
     args += ["--concepts", config["concepts"], "--n-per-tier", "4", "--magnitudes", "4,16"]
     args += ["--magnitude-mode", "absolute"]
-    args += ["--food", "--batch-size", "8", "--out", str(tmp_path / "cli"), "--hosts", "1"]
+    args += ["--food", "--batch-size", "8", "--min-mass", "0", "--out", str(tmp_path / "cli")]
+    args += ["--hosts", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert_same(json.loads((tmp_path / "cli" / "metrics.json").read_text()), one)
@@ -83,7 +85,8 @@ def test_b2_b3_on_a_pool_equal_in_process(pool, tiny, tmp_path, caplog):
     }
     (tmp_path / "q.json").write_text(json.dumps(questions))
     runs = [  # (suite, config, shard size): 3 and 2 shards
-        (run_behavioral, {"model": "tiny-random", "questions": str(tmp_path / "q.json")}, 1),
+        (run_behavioral, {"model": "tiny-random", "questions": str(tmp_path / "q.json"),
+                          "min_mass": 0.0}, 1),
         (run_identity, {"model": "tiny-random", "n_questions": 2, "max_new_tokens": 4}, 3),
     ]
     for run, config, shard_size in runs:
@@ -105,6 +108,7 @@ def test_a_plan_stage_on_a_pool_writes_the_same_metrics(pool, tmp_path, monkeypa
             "magnitudes": [8.0, 16.0],
             "magnitude_mode": "absolute",
             "batch_size": 8,
+            "min_mass": 0.0,
         },
     }
     plan = parse_plan(

@@ -20,6 +20,7 @@ from introspect.config import parse
 from introspect.detection import YES_NO
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    MassFilter,
     ModelConfig,
     Progress,
     bar_chart,
@@ -40,7 +41,7 @@ from introspect.metrics import auroc
 from introspect.models import LoadedModel
 
 
-class BehavioralConfig(ModelConfig):
+class BehavioralConfig(MassFilter, ModelConfig):
     """B2: P(yes) on yes/no questions about the model itself, and on controls."""
 
     questions: str | None = Field(
@@ -84,28 +85,31 @@ def score_behavioral(
     )
 
 
-def behavioral_metrics(results: pd.DataFrame) -> dict:
+def behavioral_metrics(results: pd.DataFrame, min_mass: float = 0.0) -> dict:
     """Per category: mean P(yes) (bootstrap interval over questions), the fraction of questions
     answered yes (P(yes) > 0.5, Wilson interval), the mean answer-token mass, and for categories
-    with true answers the accuracy."""
+    with true answers the accuracy. Questions whose yes+no mass is under ``min_mass`` are left
+    out of every figure but the mass and counted (``excluded``; ``n`` counts the kept ones)."""
     cats = []
-    for cat, df in results.groupby("category", sort=False):
+    for cat, all_rows in results.groupby("category", sort=False):
+        df = all_rows[all_rows["yes_no_mass"] >= min_mass]
         said_yes = df["p_yes"] > 0.5
         row = {
             "category": cat,
             "n": len(df),
+            "excluded": len(all_rows) - len(df),
             "p_yes": mean_ci(df["p_yes"].tolist()),
             "yes_rate": rate(int(said_yes.sum()), len(df)),
-            "mean_yes_no_mass": float(df["yes_no_mass"].mean()),
+            "mean_yes_no_mass": float(all_rows["yes_no_mass"].mean()),
         }
-        if df["truth"].notna().all():
+        if len(df) and df["truth"].notna().all():
             true_yes = (df["truth"] == "yes").to_numpy()
             row["accuracy"] = rate(int((said_yes.to_numpy() == true_yes).sum()), len(df))
             # threshold-free: does P(yes) rank the true-yes questions above the true-no ones?
             p = df["p_yes"].to_numpy()
             row["auroc"] = auroc(p[true_yes], p[~true_yes])
         cats.append(row)
-    return {"n_questions": len(results), "categories": cats}
+    return {"n_questions": len(results), "min_mass": min_mass, "categories": cats}
 
 
 def category_table(metrics: dict, label: str = "") -> pd.DataFrame:
@@ -117,6 +121,7 @@ def category_table(metrics: dict, label: str = "") -> pd.DataFrame:
                 "model": label,
                 "category": c["category"],
                 "n": c["n"],
+                "excluded": c.get("excluded", 0),
                 "p_yes": c["p_yes"]["mean"],
                 "p_yes_lo": c["p_yes"]["ci"][0],
                 "p_yes_hi": c["p_yes"]["ci"][1],
@@ -140,12 +145,13 @@ def summary_markdown(metrics: dict, label: str) -> str:
             "accuracy (controls)": fmt_rate(c["accuracy"]) if "accuracy" in c else "",
             "AUROC (controls)": f"{c['auroc']:.2f}" if "auroc" in c else "",
             "yes+no mass": f"{c['mean_yes_no_mass']:.2f}",
+            f"excluded (mass < {metrics.get('min_mass', 0):g})": c.get("excluded", 0),
         }
         for c in metrics["categories"]
     ]
     cols = list(rows[0])
     cats = {c["category"]: c for c in metrics["categories"]}
-    self_p = [c["p_yes"]["mean"] for k, c in cats.items() if k.startswith("self")]
+    self_p = [c["p_yes"]["mean"] for k, c in cats.items() if k.startswith("self") and c["n"]]
     verdict = ""
     if self_p:
         verdict = (
@@ -163,7 +169,9 @@ def summary_markdown(metrics: dict, label: str) -> str:
     return (
         f"### B2 behavioural log-probs: {label}\n\n"
         "P(yes) = softmax over the ' yes'/' no' logits after the chat template and the prefill "
-        "'The answer is'. Intervals: bootstrap over questions (mean P(yes)), Wilson (rates).\n\n"
+        "'The answer is'. Intervals: bootstrap over questions (mean P(yes)), Wilson (rates). "
+        f"Questions whose yes+no mass is under {metrics.get('min_mass', 0):g} are left out of "
+        "every column but the mass (n counts the kept ones).\n\n"
         + markdown_table(rows, cols)
         + f"\n{verdict}\n\n![B2 P(yes) by category](behavioral.png)\n"
     )
@@ -185,7 +193,8 @@ def run_behavioral(
         score_behavioral, trials, system_prompt=cfg.system_prompt, batch_size=cfg.batch_size
     )
     results = trials.merge(scores, on="key")
-    metrics = behavioral_metrics(results)
+    results["kept"] = results["yes_no_mass"] >= cfg.min_mass
+    metrics = behavioral_metrics(results, cfg.min_mass)
     label = model_label(cfg)
     cats = metrics["categories"]
     bar_chart(
@@ -196,7 +205,10 @@ def run_behavioral(
         title=f"B2: P(yes) by category, {label} (bars: mean, 95% CI; dots: questions)",
         ylabel="P(yes)",
         reference=0.5,
-        points=[results.loc[results.category == c["category"], "p_yes"].tolist() for c in cats],
+        points=[
+            results.loc[(results.category == c["category"]) & results.kept, "p_yes"].tolist()
+            for c in cats
+        ],
     )
     tables = {"results.parquet": results, "categories.parquet": category_table(metrics, label)}
     return finish(cfg, out_dir, metrics, summary_markdown(metrics, label), tables)

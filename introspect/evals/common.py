@@ -57,6 +57,19 @@ class ModelConfig(SystemPrompt, Precision):
     )
 
 
+class MassFilter(Config):
+    """The mass filter every yes/no table applies (one definition for all suites)."""
+
+    min_mass: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="rows whose answer tokens' probability mass (P(' yes') + P(' no'), or of "
+        "the pair or choices asked for) is under this are counted, reported and left out of "
+        "every rate (0 keeps all rows)",
+    )
+
+
 class FullRun(Config):
     """The ``full`` switch of a config that has real-run sizes (its ``FULL``)."""
 
@@ -374,6 +387,8 @@ def bar_chart(
         ax.bar(x, values, color="C0", alpha=0.75, yerr=whiskers(values, cis), capsize=4)
         if points is not None:
             for i, ys in enumerate(points):
+                if not len(ys):
+                    continue
                 jitter = np.linspace(-0.25, 0.25, len(ys)) if len(ys) > 1 else [0.0]
                 ax.scatter(i + np.asarray(jitter), ys, s=9, color="k", alpha=0.5, zorder=3)
         if reference is not None:

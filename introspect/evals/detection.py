@@ -32,6 +32,7 @@ from introspect.data import (
 from introspect.detection import ask_for
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    MassFilter,
     ModelConfig,
     Progress,
     in_process,
@@ -151,28 +152,49 @@ def detection_trials(
     return pd.concat(parts, ignore_index=True)
 
 
-def tier_metrics(scores: pd.DataFrame, n_layers: int) -> dict:
-    """Per tier: detection metrics with intervals, plus the layer-range × magnitude breakdown."""
-    out: dict = {"tiers": {}}
-    for tier, df in scores.groupby("tier", sort=False):
-        m = detection_metrics(df["label"].to_numpy(), df["p_yes"].to_numpy()).to_dict()
-        m["mean_yes_no_mass"] = float(df["yes_no_mass"].mean())
+def _excluded_all() -> dict:
+    """A tier's metrics when the mass filter left none of its rows: every figure nan."""
+    nan = float("nan")
+    figures = ("accuracy", "tpr", "fpr", "d_prime", "auroc")
+    out = dict.fromkeys((*figures, "mean_p_yes_steered", "mean_p_yes_unsteered"), nan)
+    return out | {"n_steered": 0, "n_unsteered": 0, "ci": {f: [nan, nan] for f in figures}}
+
+
+def tier_metrics(scores: pd.DataFrame, n_layers: int, min_mass: float = 0.0) -> dict:
+    """Per tier: detection metrics with intervals, plus the layer-range × magnitude breakdown.
+
+    Rows whose answer mass (``yes_no_mass``) is under ``min_mass`` are left out of every figure
+    and counted per tier (``excluded``, of ``n_rows``)."""
+    out: dict = {"tiers": {}, "min_mass": min_mass}
+    for tier, all_rows in scores.groupby("tier", sort=False):
+        df = all_rows[all_rows["yes_no_mass"] >= min_mass]
+        if len(df):
+            m = detection_metrics(df["label"].to_numpy(), df["p_yes"].to_numpy()).to_dict()
+        else:
+            m = _excluded_all()
+        m["mean_yes_no_mass"] = float(all_rows["yes_no_mass"].mean())
+        m["n_rows"], m["excluded"] = len(all_rows), len(all_rows) - len(df)
         if tier == "food":
             out["food"] = m
             continue
         cells = []
-        for (start, end, magnitude), cell in df.groupby(["layer_start", "layer_end", "magnitude"]):
-            predicted = cell["p_yes"] > 0.5
+        for (start, end, magnitude), cell in all_rows.groupby(
+            ["layer_start", "layer_end", "magnitude"]
+        ):
+            kept = cell[cell["yes_no_mass"] >= min_mass]
+            predicted, label = kept["p_yes"] > 0.5, kept["label"]
+            nan = float("nan")
             cells.append(
                 {
                     "layers": range_name(n_layers, start, end),
                     "layer_start": int(start),
                     "layer_end": int(end),
                     "magnitude": float(magnitude),
-                    "n": len(cell),
-                    "accuracy": float((predicted == cell["label"]).mean()),
-                    "tpr": float(predicted[cell["label"]].mean()),
-                    "fpr": float(predicted[~cell["label"]].mean()),
+                    "n": len(kept),
+                    "excluded": len(cell) - len(kept),
+                    "accuracy": float((predicted == label).mean()) if len(kept) else nan,
+                    "tpr": float(predicted[label].mean()) if label.any() else nan,
+                    "fpr": float(predicted[~label].mean()) if (~label).any() else nan,
                 }
             )
         m["cells"] = cells
@@ -189,20 +211,21 @@ def evaluate_detection(
     progress: Progress | None = None,
     mapper=None,
     n_layers: int | None = None,
+    min_mass: float = 0.0,
 ) -> tuple[pd.DataFrame, dict]:
     """Score the trials and compute the per-tier metrics.
 
     ``mapper(fn, rows, **opts)`` scores them (default: in this process on ``lm``, reporting to
     ``progress(done, total)``; see :func:`introspect.evals.common.in_process`); a mapper that
     holds its own model needs no ``lm``, only ``n_layers``. The per-shard function is
-    ``score_examples`` itself."""
+    ``score_examples`` itself. ``min_mass``: see :func:`tier_metrics`."""
     opts = {"vector_sets": vector_sets, "batch_size": batch_size, "info_prompt": info_prompt}
     if mapper is None:  # a pool's mapper shows its own per-shard progress
         mapper, opts["progress"] = in_process(lm), progress
     rows = trials.assign(key=np.arange(len(trials)))
     scores = mapper(score_examples, rows, **opts).drop(columns="key")
     scores["tier"] = trials["tier"].to_numpy()
-    return scores, tier_metrics(scores, n_layers or lm.n_layers)
+    return scores, tier_metrics(scores, n_layers or lm.n_layers, min_mass)
 
 
 def write_detection_eval(
@@ -232,7 +255,7 @@ def write_detection_eval(
     write_json(out / "metrics.json", metrics)
 
 
-class DetectionEvalConfig(Answers, Magnitudes, ModelConfig):
+class DetectionEvalConfig(Answers, Magnitudes, MassFilter, ModelConfig):
     """B1 as a plan stage or CLI call sees it. ``magnitudes`` and ``magnitude_mode`` are
     :class:`introspect.data.Magnitudes`, the one definition the training data uses too (relative
     factors are of each layer range's mean residual norm, measured on the base model)."""
@@ -298,7 +321,7 @@ def run_detection(
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
     scores, metrics = evaluate_detection(
-        lm, trials, sets, cfg.batch_size, info, progress, mapper, n_layers
+        lm, trials, sets, cfg.batch_size, info, progress, mapper, n_layers, cfg.min_mass
     )
     # The settings travel with the numbers ("food" is the food task's metrics, not the flag).
     metrics.update({k: v for k, v in cfg.model_dump().items() if k not in ("label", "food")})
@@ -316,8 +339,9 @@ def summary_markdown(metrics: dict) -> str:
         f"### B1 detection: {metrics['label']}"
         + (f" (answers {pair}: P(yes) is P(the first of the pair))" if pair != "yes-no" else ""),
         "",
-        "| tier | accuracy [95% CI] | TPR | FPR | d′ | AUROC [95% CI] | n steered/unsteered |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| tier | accuracy [95% CI] | TPR | FPR | d′ | AUROC [95% CI] | n steered/unsteered "
+        f"| excluded (mass < {metrics.get('min_mass', 0):g}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(metrics["tiers"].items()) + (
         [("food", metrics["food"])] if "food" in metrics else []
@@ -328,7 +352,8 @@ def summary_markdown(metrics: dict) -> str:
             f"| {tier} | {m['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}] "
             f"| {m['tpr']:.3f} | {m['fpr']:.3f} | {m['d_prime']:.2f} "
             f"| {m['auroc']:.3f} [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}] "
-            f"| {m['n_steered']}/{m['n_unsteered']} |"
+            f"| {m['n_steered']}/{m['n_unsteered']} "
+            f"| {m.get('excluded', 0)}/{m.get('n_rows', '')} |"
         )
     lines += ["", "![ROC by tier](roc.png) ![p_yes histograms](p_yes_hist.png)", ""]
     maps = [f"![{t}: layer range × magnitude](heatmap_{t}.png)" for t in metrics["tiers"]]

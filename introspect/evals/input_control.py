@@ -42,6 +42,7 @@ from introspect.data import (
 from introspect.detection import ask_for
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
+    MassFilter,
     ModelConfig,
     Progress,
     figure,
@@ -67,7 +68,7 @@ PERTURBATIONS: tuple[str, ...] = ("shuffled_words", "swapped_reply", "gibberish"
 GIBBERISH_WORDS = 6
 
 
-class InputControlConfig(Answers, Magnitudes, ModelConfig):
+class InputControlConfig(Answers, Magnitudes, MassFilter, ModelConfig):
     """The detection question after textually perturbed, unsteered conversations."""
 
     vectors: str = Field(
@@ -80,10 +81,6 @@ class InputControlConfig(Answers, Magnitudes, ModelConfig):
     perturbations: list[Perturbation] = Field(
         list(PERTURBATIONS), min_length=1, description="the text perturbations to ask about"
     )
-    min_mass: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="rows whose P(' yes') + P(' no') is under this are counted and excluded",
-    )  # fmt: skip
     batch_size: int = Field(16, ge=1, description="rows per forward pass")
     seed: int = Field(1234, description="seed of the trials and perturbations drawn")
 

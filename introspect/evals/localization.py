@@ -27,12 +27,13 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from introspect.config import Config, parse
+from introspect.config import parse
 from introspect.data import layer_ranges
 from introspect.detection import DetectionExample, DetectionPrompt, build_prompt, messages
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     FullRun,
+    MassFilter,
     ModelConfig,
     Progress,
     answer_ids,
@@ -58,7 +59,7 @@ QUESTIONS: tuple[str, ...] = get_args(Question)
 STRENGTHS = ("weak", "medium", "strong")
 
 
-class LocalizationTrials(Config):
+class LocalizationTrials(MassFilter):
     """What B7's trials are made of; shared by B7 and Phase C training
     (:class:`introspect.localize_train.LocalizeTrainConfig`)."""
 
@@ -226,12 +227,14 @@ def score_localization(
     )
 
 
-def localization_metrics(results: pd.DataFrame) -> dict:
+def localization_metrics(results: pd.DataFrame, min_mass: float = 0.0) -> dict:
     """Per question: accuracy (Wilson) against chance 1/3, the confusion matrix (rows = truth),
-    how often each answer is given, and the mean answer-token mass."""
+    how often each answer is given, and the mean answer-token mass. Trials whose mass on the
+    three answer tokens is under ``min_mass`` are left out of all but the mass, and counted."""
     out = {}
     texts = read_resource("localization.json")
-    for question, df in results.groupby("question", sort=False):
+    for question, all_rows in results.groupby("question", sort=False):
+        df = all_rows[all_rows["answer_mass"] >= min_mass]
         confusion = np.zeros((3, 3), dtype=int)
         for t, p in zip(df["label"], df["predicted"], strict=True):
             confusion[int(t), int(p)] += 1
@@ -241,8 +244,10 @@ def localization_metrics(results: pd.DataFrame) -> dict:
             "accuracy": rate(correct, len(df)),
             "chance": 1 / 3,
             "confusion": confusion.tolist(),
-            "answer_rates": (confusion.sum(0) / len(df)).tolist(),
-            "mean_answer_mass": float(df["answer_mass"].mean()),
+            "answer_rates": (confusion.sum(0) / max(len(df), 1)).tolist(),
+            "mean_answer_mass": float(all_rows["answer_mass"].mean()),
+            "excluded": len(all_rows) - len(df),
+            "min_mass": min_mass,
         }
     return out
 
@@ -262,6 +267,7 @@ def summary_markdown(metrics: dict, title: str, note: str = "", level: int = 3) 
                     f"{a} {r:.0%}" for a, r in zip(m["answers"], m["answer_rates"], strict=True)
                 ),
                 "answer mass": f"{m['mean_answer_mass']:.2f}",
+                f"excluded (mass < {m.get('min_mass', 0):g})": m.get("excluded", 0),
             }
         )
     return (
@@ -337,7 +343,7 @@ def evaluate_localization(
         system_prompt=cfg.system_prompt,
     )
     results = trials.merge(scores, on="key")
-    return results, localization_metrics(results)
+    return results, localization_metrics(results, cfg.min_mass)
 
 
 def run_localization(

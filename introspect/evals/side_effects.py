@@ -28,6 +28,7 @@ from introspect.detection import PREFILL
 from introspect.errors import IntrospectError
 from introspect.evals.behavioral import behavioral_trials, score_behavioral
 from introspect.evals.common import (
+    MassFilter,
     ModelConfig,
     Progress,
     chat_ids,
@@ -47,7 +48,7 @@ from introspect.io import markdown_table
 from introspect.models import LoadedModel
 
 
-class SideEffectsConfig(ModelConfig):
+class SideEffectsConfig(MassFilter, ModelConfig):
     """Capability (exact match) and B2 self-attribution P(yes) of one model."""
 
     questions: str | None = Field(
@@ -56,10 +57,6 @@ class SideEffectsConfig(ModelConfig):
         "shipped 60 factual, 60 arithmetic and 60 syllogism questions)",
     )
     max_new_tokens: MaxNewTokens = Field(8, description="tokens decoded after 'The answer is'")
-    min_mass: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="B2 rows whose P(' yes') + P(' no') is under this are counted and excluded",
-    )  # fmt: skip
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
 
 

@@ -40,6 +40,7 @@ from introspect.detection import LOGIT_STATS
 from introspect.errors import IntrospectError
 from introspect.evals.behavioral import behavioral_trials
 from introspect.evals.common import (
+    MassFilter,
     ModelConfig,
     Progress,
     figure,
@@ -66,7 +67,7 @@ ASK = " Answer yes or no."
 NO_QUESTIONS = ("factual_no", "absurd")  # where a rise in P(yes) is a wrong answer
 
 
-class YesBiasConfig(Magnitudes, ModelConfig):
+class YesBiasConfig(Magnitudes, MassFilter, ModelConfig):
     """Control questions over steered and unsteered caches: the change in P(yes)."""
 
     vectors: str = Field(
@@ -81,10 +82,6 @@ class YesBiasConfig(Magnitudes, ModelConfig):
     n_per_question: int = Field(
         4, ge=1, description="steered trials per question, each with an unsteered twin"
     )
-    min_mass: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="rows whose P(' yes') + P(' no') is under this are counted and excluded",
-    )  # fmt: skip
     batch_size: int = Field(16, ge=1, description="trials per forward pass")
     seed: int = Field(1234, description="seed of the trials drawn")
 

@@ -30,14 +30,14 @@ def _b1(m: dict) -> str:
     rows = list(m["tiers"].items()) + ([("food", m["food"])] if "food" in m else [])
     lines = [
         f"B1 detection: {m['label']}",
-        "tier             accuracy [95% CI]     TPR    FPR     d′  AUROC  n s/u",
+        "tier             accuracy [95% CI]     TPR    FPR     d′  AUROC  n s/u  excluded",
     ]
     for tier, t in rows:
         ci = t["ci"]["accuracy"]
         lines.append(
             f"{tier:<16} {t['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  {t['tpr']:.3f}  "
             f"{t['fpr']:.3f}  {t['d_prime']:5.2f}  {t['auroc']:.3f}  "
-            f"{t['n_steered']}/{t['n_unsteered']}"
+            f"{t['n_steered']}/{t['n_unsteered']}  {t.get('excluded', 0)}"
         )
     return "\n".join(lines)
 

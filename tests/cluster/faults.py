@@ -67,7 +67,8 @@ def fault_plan(base: dict, name: str) -> dict:
     stages["b1"] = {"kind": "eval", "suite": "detection", "models": ["base", *TRAININGS],
                     "vectors": ["random"], "hosts": 3,
                     "options": {"n_per_tier": 256, "magnitudes": [8.0, 16.0],
-                                "magnitude_mode": "absolute", "batch_size": 8}}
+                                "magnitude_mode": "absolute", "batch_size": 8,
+                                "min_mass": 0.0}}
     plan["stages"] = stages
     return plan
 
