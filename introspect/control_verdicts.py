@@ -37,6 +37,11 @@ def _units(plan: dict, dirs: dict[str, Path], suite: str):
                 yield name, m, metrics, unit
 
 
+def _row(control: str, model: str, verdict: str, numbers: str, what: str) -> dict:
+    return {"control": control, "model": model, "verdict": verdict, "numbers": numbers,
+            "what": what}  # fmt: skip
+
+
 def trained_pair(plan: dict, model: str) -> str | None:
     """The answer pair a train stage's data asked for (None for the base model)."""
     stage = plan["stages"].get(model, {})
@@ -44,46 +49,106 @@ def trained_pair(plan: dict, model: str) -> str | None:
     return data.get("answers", "yes-no") if stage.get("kind") == "train" else None
 
 
-def _row(control: str, model: str, verdict: str, numbers: str, what: str) -> dict:
-    return {"control": control, "model": model, "verdict": verdict, "numbers": numbers,
-            "what": what}  # fmt: skip
+def trained_family(plan: dict, model: str) -> str | None:
+    """The vectors stage a train stage's data steered with (None for the base model)."""
+    stage = plan["stages"].get(model, {})
+    data = plan["stages"].get(stage.get("data", ""), {})
+    return data.get("vectors") if stage.get("kind") == "train" else None
+
+
+def b1_held_out(plan: dict, dirs: dict[str, Path]) -> dict[tuple[str, str, str], dict]:
+    """B1's held-out tier per ``(model, evaluated answer pair, evaluated vectors stage)``."""
+    out: dict[tuple[str, str, str], dict] = {}
+    for stage, model, m, _ in _units(plan, dirs, "detection"):
+        held = (m.get("tiers") or {}).get("held_out")
+        vectors = (plan["stages"][stage].get("vectors") or ["?"])[0]
+        if held:
+            out.setdefault((model, m.get("answers", "yes-no"), vectors), held)
+    return out
 
 
 def _acc(held: dict) -> str:
+    if not held["n_steered"] + held["n_unsteered"]:
+        return f"all {held.get('excluded', '')} rows excluded (mass < filter)"
     return _fmt(held["accuracy"], held["ci"]["accuracy"])
 
 
+def _judged(held: dict, above: str, below: str) -> str:
+    if not held["n_steered"] + held["n_unsteered"]:
+        return "not measurable: no row passes the mass filter"
+    return above if held["ci"]["accuracy"][0] > 0.5 else below
+
+
+def _matrix(b1: dict, models: list[str], columns: list[tuple[str, str]]) -> dict:
+    """``{model: {column: held}}`` over the given (pair, vectors) columns."""
+    return {m: {c: b1[(m, *c)] for c in columns if (m, *c) in b1} for m in models}
+
+
 def answer_pair_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
-    """Verdict rows for the answer-pair matrix, and the matrix itself
-    ``{model: {evaluated pair: held-out tier metrics}}``."""
-    matrix: dict[str, dict[str, dict]] = {}
-    for _, model, m, _ in _units(plan, dirs, "detection"):
-        held = (m.get("tiers") or {}).get("held_out")
-        if held:
-            matrix.setdefault(model, {}).setdefault(m.get("answers", "yes-no"), held)
+    """Verdict rows for the answer-pair matrix (models asked in two or more pairs, on one
+    vector family), and the matrix ``{model: {evaluated pair: held-out tier metrics}}``."""
+    b1 = b1_held_out(plan, dirs)
+    families = {v for _, _, v in b1}
+    for family in sorted(families):
+        pairs = sorted({p for _, p, v in b1 if v == family})
+        if len(pairs) >= 2:
+            break
+    else:
+        return [], {}
+    asked = {m for m, _, v in b1 if v == family}
+    models = [m for m in dict.fromkeys(m for m, _, _ in b1) if m in asked]
+    models = [m for m in models if sum((m, p, family) in b1 for p in pairs) >= 2]
+    grid = _matrix(b1, models, [(p, family) for p in pairs])
+    matrix = {m: {p: v[(p, family)] for p in pairs if (p, family) in v} for m, v in grid.items()}
     rows = []
-    pairs = sorted({p for v in matrix.values() for p in v})
-    if len(pairs) < 2:
-        return rows, matrix
     for model, by_pair in matrix.items():
         own = trained_pair(plan, model)
         for pair, held in by_pair.items():
-            above = held["ci"]["accuracy"][0] > 0.5
             if own is None:
                 what = f"base model, asked {pair}"
-                word = "detects" if above else "does not detect"
+                word = _judged(held, "detects", "does not detect")
             elif pair == own:
                 what = f"trained and asked {pair}"
-                word = "detection holds" if above else "no detection"
+                word = _judged(held, "detection holds", "no detection")
             else:
                 what = f"trained {own}, asked {pair} (transfer)"
-                word = "transfers" if above else "does not transfer"
-            numbers = f"B1 held-out accuracy {_acc(held)}"
+                word = _judged(held, "transfers", "does not transfer")
+            numbers = f"B1 held-out accuracy {_acc(held)}; mean answer mass "
+            numbers += f"{held.get('mean_yes_no_mass', float('nan')):.2f}"
             rows.append(_row("answer pair", model, word, numbers, what))
     return rows, matrix
 
 
-def probe_rows(plan: dict, dirs: dict[str, Path], matrix: dict) -> list[dict]:
+def family_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
+    """The vector-family transfer matrix (yes/no answers): ``{model: {evaluated vectors
+    stage: held}}`` for models trained on a family and evaluated on two or more, and a
+    verdict row per cell off the diagonal."""
+    b1 = b1_held_out(plan, dirs)
+    families = list(dict.fromkeys(v for _, p, v in b1 if p == "yes-no"))
+    if len(families) < 2:
+        return [], {}
+    models = [m for m in dict.fromkeys(m for m, _, _ in b1)
+              if sum((m, "yes-no", f) in b1 for f in families) >= 2]  # fmt: skip
+    grid = _matrix(b1, models, [("yes-no", f) for f in families])
+    matrix = {m: {f: v[("yes-no", f)] for f in families if ("yes-no", f) in v}
+              for m, v in grid.items()}  # fmt: skip
+    rows = []
+    for model, by_family in matrix.items():
+        own = trained_family(plan, model)
+        for family, held in by_family.items():
+            if own is None or family == own:
+                word = _judged(held, "detects", "does not detect")
+                what = (f"base model, steered with {family}" if own is None
+                        else f"trained and evaluated on {family}")  # fmt: skip
+            else:
+                word = _judged(held, "transfers", "does not transfer")
+                what = f"trained on {own}, evaluated on {family}"
+            rows.append(_row("vector family", model, word,
+                             f"B1 held-out accuracy {_acc(held)}", what))  # fmt: skip
+    return rows, matrix
+
+
+def probe_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
     """The yes-bias verdict and the logit-shift probe beside B1's AUROC, per model."""
     rows = []
     for _, model, m, _ in _units(plan, dirs, "yes-bias"):
@@ -94,10 +159,16 @@ def probe_rows(plan: dict, dirs: dict[str, Path], matrix: dict) -> list[dict]:
         if not probe or not _finite(probe["ci"]):
             continue
         pair = trained_pair(plan, model) or "yes-no"
-        held = matrix.get(model, {}).get(pair)
+        family = trained_family(plan, model)
+        b1 = b1_held_out(plan, dirs)
+        held = b1.get((model, pair, family)) or next(
+            (v for (m, p, _), v in b1.items() if m == model and p == pair), None
+        )
         text = f"probe AUROC {_fmt(probe['auroc'], probe['ci'])}"
         word = "not compared (no B1 on this pair)"
-        if held:
+        if held and not held["n_steered"] + held["n_unsteered"]:
+            word = "not compared: every B1 row is under the mass filter"
+        elif held:
             auc = held["auroc"]
             text += f"; B1 AUROC {_fmt(auc, held['ci']['auroc'])}"
             if held["ci"]["auroc"][0] > probe["ci"][1]:
@@ -169,22 +240,69 @@ def side_effect_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
     return rows
 
 
+def susceptibility_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
+    """Next-token KL and the concept judge per model; against the base model, the KL paired
+    trial by trial (the same trials: same concepts, texts and strengths)."""
+    import pandas as pd
+
+    from introspect.evals.common import fmt_rate, mean_ci
+
+    units = {model: (m, unit) for _, model, m, unit in _units(plan, dirs, "susceptibility")}
+    base = units.get(BASE)
+
+    def kl(unit: Path) -> pd.Series:
+        r = pd.read_parquet(unit / "results.parquet", columns=["key", "steered", "kl"])
+        return r[r["steered"]].set_index("key")["kl"]
+
+    rows = []
+    for model, (m, unit) in units.items():
+        o = m["overall"]
+        numbers = (f"KL {_fmt(m['kl']['mean'], m['kl']['ci'])} nats; text names the concept "
+                   f"{fmt_rate(o['keyword_steered'])} steered vs "
+                   f"{fmt_rate(o['keyword_control'])} unsteered")  # fmt: skip
+        word, what = "reference", f"{o['n']} concept injections"
+        if base is not None and model != BASE:
+            d = mean_ci(kl(unit).sub(kl(base[1])).dropna())
+            numbers += f"; Δ KL vs base {_fmt(d['mean'], d['ci'], signed=True)}"
+            word = "no change shown"
+            if _finite(d["ci"]) and d["ci"][0] > 0:
+                word = "more susceptible than base"
+            elif _finite(d["ci"]) and d["ci"][1] < 0:
+                word = "less susceptible than base"
+            what = "KL paired trial by trial with the base model"
+        rows.append(_row("susceptibility", model, word, numbers, what))
+    return rows
+
+
+def _grid(matrix: dict, columns: list[str], label, caption: str) -> str:
+    head = ["model", *columns]
+    rows = [dict(zip(head, [label(m), *[_acc(v[c]) if c in v else "–" for c in columns]],
+                     strict=True)) for m, v in matrix.items()]  # fmt: skip
+    return f"\n{caption}\n\n" + markdown_table(rows, head)
+
+
 def controls_markdown(plan: dict, dirs: dict[str, Path]) -> str | None:
     """The section, or None when the plan runs no control."""
-    pair_rows, matrix = answer_pair_rows(plan, dirs)
-    rows = pair_rows + probe_rows(plan, dirs, matrix) + input_rows(plan, dirs)
-    rows += side_effect_rows(plan, dirs)
+    pair_rows, pairs = answer_pair_rows(plan, dirs)
+    fam_rows, families = family_rows(plan, dirs)
+    rows = pair_rows + fam_rows + probe_rows(plan, dirs) + input_rows(plan, dirs)
+    rows += side_effect_rows(plan, dirs) + susceptibility_rows(plan, dirs)
     if not rows:
         return None
     cols = ["control", "model", "verdict", "numbers", "what"]
-    table = markdown_table([{k: cell(r[k]) for k in cols} for r in rows], cols)
-    out = "## What the controls say\n\n" + table
-    pairs = sorted({p for v in matrix.values() for p in v})
-    if len(pairs) >= 2:
-        head = ["model (trained pair)", *[f"asked {p}" for p in pairs]]
-        grid = [dict(zip(head, [f"{m} ({trained_pair(plan, m) or 'untrained'})",
-                                *[_acc(v[p]) if p in v else "–" for p in pairs]], strict=True))
-                for m, v in matrix.items()]  # fmt: skip
-        out += ("\nB1 held-out accuracy [95% CI] by the answer pair a model was trained on and "
-                "the one it is asked for:\n\n" + markdown_table(grid, head))  # fmt: skip
+    out = "## What the controls say\n\n" + markdown_table(
+        [{k: cell(r[k]) for k in cols} for r in rows], cols
+    )
+    if pairs:
+        columns = sorted({p for v in pairs.values() for p in v})
+        out += _grid(pairs, [*columns], lambda m: f"{m} ({trained_pair(plan, m) or 'untrained'})",
+                     "B1 held-out accuracy [95% CI] by the answer pair a model was trained on "
+                     "(rows) and the one it is asked for (columns):")  # fmt: skip
+    if families:
+        columns = list(dict.fromkeys(f for v in families.values() for f in v))
+        out += _grid(families, columns,
+                     lambda m: f"{m} ({trained_family(plan, m) or 'untrained'})",
+                     "B1 held-out accuracy [95% CI] by the vector family a model was "
+                     "trained on (rows) and the family whose held-out vectors steer "
+                     "(columns):")  # fmt: skip
     return out + "\n"

@@ -19,6 +19,7 @@ from pathlib import Path
 from introspect.io import markdown_table, read_json
 
 FIGURES = ("accuracy", "tpr", "fpr", "d_prime", "auroc")
+BOUNDED = ("accuracy", "tpr", "fpr", "auroc")  # rates: their intervals are clipped to [0, 1]
 
 
 def replicate_groups(plan: dict) -> list[list[str]]:
@@ -35,8 +36,10 @@ def replicate_groups(plan: dict) -> list[list[str]]:
     return [g for g in groups.values() if len(g) >= 2]
 
 
-def t_interval(values: Sequence[float]) -> dict:
-    """Mean and Student-t 95 % interval over ``values`` (nan interval under two values)."""
+def t_interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and Student-t 95 % interval over ``values`` (nan interval under two values; nan
+    values, e.g. a run whose rows the mass filter all left out, are skipped), clipped to
+    ``bounds`` when given."""
     from scipy import stats
 
     x = [float(v) for v in values if v is not None and math.isfinite(v)]
@@ -48,7 +51,10 @@ def t_interval(values: Sequence[float]) -> dict:
         return {"mean": mean, "n": 1, "ci": [math.nan, math.nan]}
     sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "n": n, "ci": [mean - half, mean + half]}
+    lo, hi = mean - half, mean + half
+    if bounds:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "n": n, "ci": [lo, hi]}
 
 
 def across_seeds(evals: dict[str, dict], group: Sequence[str]) -> dict[str, dict]:
@@ -58,7 +64,10 @@ def across_seeds(evals: dict[str, dict], group: Sequence[str]) -> dict[str, dict
     out = {}
     for tier in tiers:
         blocks = [evals[m]["tiers"][tier] for m in present if tier in evals[m]["tiers"]]
-        out[tier] = {f: t_interval([b[f] for b in blocks]) for f in FIGURES}
+        out[tier] = {
+            f: t_interval([b[f] for b in blocks], (0.0, 1.0) if f in BOUNDED else None)
+            for f in FIGURES
+        }
     return out
 
 
@@ -84,8 +93,11 @@ def seeds_markdown(plan: dict, dirs: dict[str, Path]) -> str | None:
             present = [m for m in group if evals.get(m)]
             if len(present) < 2:
                 continue
-            label = f"{plan['stages'][present[0]].get('preset', present[0])} × {len(present)} seeds"
+            preset = plan["stages"][present[0]].get("preset", present[0])
             for tier, figs in across_seeds(evals, present).items():
+                label = f"{preset} × {len(present)} seeds"
+                if figs["accuracy"]["n"] < len(present):
+                    label += f" ({figs['accuracy']['n']} with rows past the mass filter)"
                 per_seed = ", ".join(f"{evals[m]['tiers'][tier]['accuracy']:.3f}" for m in present)
                 rows.append({"runs": label, "tier": tier,
                              "accuracy, mean [t 95% CI]": _fmt(figs["accuracy"], 3),
@@ -99,7 +111,7 @@ def seeds_markdown(plan: dict, dirs: dict[str, Path]) -> str | None:
         return None
     head = (
         "## B1 across seeds\n\nRuns that differ only in their seeds (data draw and training), "
-        "as the mean over seeds with a Student-t 95 % interval (n − 1 degrees of freedom); the "
-        "per-seed numbers are the B1 table's rows.\n\n"
+        "as the mean over seeds with a Student-t 95 % interval (n − 1 degrees of freedom; rates' "
+        "intervals clipped to [0, 1]); the per-seed numbers are the B1 table's rows.\n\n"
     )
     return head + "\n".join(parts)

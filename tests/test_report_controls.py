@@ -55,7 +55,7 @@ def test_the_report_shows_b1_across_seeds(tmp_path):
     assert "## B1 across seeds" in text
     mean = np.mean([36 / 40, 34 / 40, 38 / 40])
     lo, hi = stats.t.interval(0.95, 2, loc=mean, scale=stats.sem([0.9, 0.85, 0.95]))
-    assert f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" in text
+    assert f"{mean:.3f} [{lo:.3f}, {min(hi, 1.0):.3f}]" in text and hi > 1.0  # clipped
     assert "0.900, 0.850, 0.950 (o0, o1, o2)" in text
 
 
@@ -66,6 +66,7 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
         "yb": {"kind": "eval", "suite": "yes-bias", "models": ["o0"]},
         "ic": {"kind": "eval", "suite": "input-control", "models": ["o0"]},
         "se": {"kind": "eval", "suite": "side-effects", "models": ["base", "o0"]},
+        "sus": {"kind": "eval", "suite": "susceptibility", "models": ["base", "o0"]},
     }
     plan(tmp_path, stages)
     for m, (yes_no, red_blue) in {"base": (20, 21), "o0": (39, 22), "rb": (24, 38)}.items():
@@ -93,6 +94,15 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
                            "p_yes": [0.2, 0.4, 0.9] if m == "base" else [0.5, 0.6, 0.1],
                            "yes_no_mass": [0.9, 0.9, 0.1]})  # fmt: skip
         b2.to_parquet(d / "behavioral.parquet")
+    # Susceptibility: KL per steered trial, paired by key (o0 moves less: -0.2 on average).
+    rate = {"rate": 0.0, "successes": 0, "n": 2, "ci": [0.0, 0.66]}
+    for m, kls in {"base": [0.9, 0.5], "o0": [0.6, 0.4]}.items():
+        overall = {"n": 2, "keyword_steered": rate, "keyword_control": rate}
+        kl = {"mean": sum(kls) / 2, "n": 2, "ci": [0.1, 0.9]}
+        d = unit(tmp_path, "sus", m, {"overall": overall, "kl": kl})
+        results = pd.DataFrame({"key": ["b", "a", "a0", "b0"], "kl": [kls[1], kls[0], None, None],
+                                "steered": [True, True, False, False]})  # fmt: skip
+        results.to_parquet(d / "results.parquet")
     dirs = {n: tmp_path / n / "h1" for n in stages if (tmp_path / n).exists()}
     text = controls_markdown({"stages": stages}, dirs)
     lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in text.splitlines()}
@@ -107,4 +117,7 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
     # Paired by key: (1-1) + (0-1) + (0-1) + (1-0) over 4 = -0.25; self rows kept in both: s0, s1.
     assert "Δ exact match vs base -0.250" in side
     assert "Δ self P(yes) vs base +0.250" in side and "n = 2 kept in both" in side
+    # Paired by key: a 0.6 - 0.9, b 0.4 - 0.5; the bootstrap interval [-0.3, -0.1] is below 0.
+    sus = lines[("susceptibility", "o0", "less susceptible than base")]
+    assert "Δ KL vs base -0.200 [-0.300, -0.100]" in sus
     assert "| rb (red-blue) |" in text and "| o0 (yes-no) |" in text  # the matrix
