@@ -151,6 +151,7 @@ def family_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
 def probe_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
     """The yes-bias verdict and the logit-shift probe beside B1's AUROC, per model."""
     rows = []
+    b1 = b1_held_out(plan, dirs)
     for _, model, m, _ in _units(plan, dirs, "yes-bias"):
         word, _, numbers = m["verdict"].partition(": ")
         what = f"{m['n_rows']} rows, {m['excluded']} excluded by the mass filter"
@@ -159,10 +160,9 @@ def probe_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
         if not probe or not _finite(probe["ci"]):
             continue
         pair = trained_pair(plan, model) or "yes-no"
-        family = trained_family(plan, model)
-        b1 = b1_held_out(plan, dirs)
-        held = b1.get((model, pair, family)) or next(
-            (v for (m, p, _), v in b1.items() if m == model and p == pair), None
+        # B1 on the model's own pair and vector family, else on its pair and any family.
+        held = b1.get((model, pair, trained_family(plan, model))) or next(
+            (v for (who, asked, _), v in b1.items() if who == model and asked == pair), None
         )
         text = f"probe AUROC {_fmt(probe['auroc'], probe['ci'])}"
         word = "not compared (no B1 on this pair)"
