@@ -16,6 +16,7 @@ from pathlib import Path
 
 from introspect.control_verdicts import (
     answer_pair_rows,
+    b1_held_out,
     family_rows,
     input_rows,
     probe_rows,
@@ -68,9 +69,10 @@ def main() -> None:
                 entry = {k: metrics[k] for k in KEEP.get(s["suite"], ()) if k in metrics}
             out["stages"].setdefault(name, {"suite": s["suite"], "models": {}})
             out["stages"][name]["models"][m] = entry
-    pair_rows, _ = answer_pair_rows(plan, dirs)
-    fam_rows, _ = family_rows(plan, dirs)
-    rows = pair_rows + fam_rows + probe_rows(plan, dirs) + input_rows(plan, dirs)
+    b1 = b1_held_out(plan, dirs)
+    pair_rows, _ = answer_pair_rows(plan, b1)
+    fam_rows, _ = family_rows(plan, b1)
+    rows = pair_rows + fam_rows + probe_rows(plan, dirs, b1) + input_rows(plan, dirs)
     out["verdicts"] = rows + side_effect_rows(plan, dirs) + susceptibility_rows(plan, dirs)
     out["across_seeds"] = {
         stage: {

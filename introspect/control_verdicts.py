@@ -84,10 +84,10 @@ def _matrix(b1: dict, models: list[str], columns: list[tuple[str, str]]) -> dict
     return {m: {c: b1[(m, *c)] for c in columns if (m, *c) in b1} for m in models}
 
 
-def answer_pair_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
+def answer_pair_rows(plan: dict, b1: dict) -> tuple[list[dict], dict]:
     """Verdict rows for the answer-pair matrix (models asked in two or more pairs, on one
-    vector family), and the matrix ``{model: {evaluated pair: held-out tier metrics}}``."""
-    b1 = b1_held_out(plan, dirs)
+    vector family), and the matrix ``{model: {evaluated pair: held-out tier metrics}}``;
+    ``b1`` is :func:`b1_held_out`'s."""
     families = {v for _, _, v in b1}
     for family in sorted(families):
         pairs = sorted({p for _, p, v in b1 if v == family})
@@ -119,11 +119,10 @@ def answer_pair_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dic
     return rows, matrix
 
 
-def family_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
+def family_rows(plan: dict, b1: dict) -> tuple[list[dict], dict]:
     """The vector-family transfer matrix (yes/no answers): ``{model: {evaluated vectors
     stage: held}}`` for models trained on a family and evaluated on two or more, and a
-    verdict row per cell off the diagonal."""
-    b1 = b1_held_out(plan, dirs)
+    verdict row per cell; ``b1`` is :func:`b1_held_out`'s."""
     families = list(dict.fromkeys(v for _, p, v in b1 if p == "yes-no"))
     if len(families) < 2:
         return [], {}
@@ -148,10 +147,10 @@ def family_rows(plan: dict, dirs: dict[str, Path]) -> tuple[list[dict], dict]:
     return rows, matrix
 
 
-def probe_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
-    """The yes-bias verdict and the logit-shift probe beside B1's AUROC, per model."""
+def probe_rows(plan: dict, dirs: dict[str, Path], b1: dict) -> list[dict]:
+    """The yes-bias verdict and the logit-shift probe beside B1's AUROC (``b1``:
+    :func:`b1_held_out`'s), per model."""
     rows = []
-    b1 = b1_held_out(plan, dirs)
     for _, model, m, _ in _units(plan, dirs, "yes-bias"):
         word, _, numbers = m["verdict"].partition(": ")
         what = f"{m['n_rows']} rows, {m['excluded']} excluded by the mass filter"
@@ -197,15 +196,13 @@ def side_effect_rows(plan: dict, dirs: dict[str, Path]) -> list[dict]:
     import pandas as pd
 
     from introspect.evals.common import mean_ci
-    from introspect.evals.side_effects import exact_match
 
     units = {model: (m, unit) for _, model, m, unit in _units(plan, dirs, "side-effects")}
     base = units.get(BASE)
 
-    def correct(unit: Path) -> pd.Series:
-        cap = pd.read_json(unit / "capability.jsonl", lines=True).set_index("key")
-        return pd.Series([exact_match(r, a) for r, a in zip(cap["response"], cap["answers"],
-                                                            strict=True)], cap.index)  # fmt: skip
+    def correct(unit: Path) -> pd.Series:  # each row's exact match, as the stage judged it
+        cap = pd.read_json(unit / "capability.jsonl", lines=True)
+        return cap.set_index("key")["correct"].astype(bool)
 
     def self_p(unit: Path, min_mass: float) -> pd.Series:
         b = pd.read_parquet(unit / "behavioral.parquet").set_index("key")
@@ -283,9 +280,10 @@ def _grid(matrix: dict, columns: list[str], label, caption: str) -> str:
 
 def controls_markdown(plan: dict, dirs: dict[str, Path]) -> str | None:
     """The section, or None when the plan runs no control."""
-    pair_rows, pairs = answer_pair_rows(plan, dirs)
-    fam_rows, families = family_rows(plan, dirs)
-    rows = pair_rows + fam_rows + probe_rows(plan, dirs) + input_rows(plan, dirs)
+    b1 = b1_held_out(plan, dirs)  # read once: three sections use it
+    pair_rows, pairs = answer_pair_rows(plan, b1)
+    fam_rows, families = family_rows(plan, b1)
+    rows = pair_rows + fam_rows + probe_rows(plan, dirs, b1) + input_rows(plan, dirs)
     rows += side_effect_rows(plan, dirs) + susceptibility_rows(plan, dirs)
     if not rows:
         return None

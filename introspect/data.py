@@ -25,9 +25,9 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from introspect.config import Config, SystemPrompt
-from introspect.detection import ANSWER_PAIRS, ask_for
+from introspect.detection import ANSWER_PAIRS
 from introspect.errors import IntrospectError
-from introspect.examples import COLUMNS
+from introspect.examples import COLUMNS, ask_in
 from introspect.vectors import VectorSet
 
 PROMPT_KEYS = (
@@ -180,7 +180,7 @@ def make_examples(
         vector_idx = [None] * n
         starts = ends = np.zeros(n, dtype=np.int64)
         magnitude = np.zeros(n)
-        questions = [ask_for(prompts["food_question"], config.answers)] * n
+        questions = [prompts["food_question"]] * n
     else:
         steered = rng.permutation(np.arange(n) < round(n * config.steered_fraction))
         ranges = list(layer_ranges(n_layers).values())
@@ -201,7 +201,7 @@ def make_examples(
         asked = prompts[
             "vague_questions" if config.variant == "vague-prompt" else "detection_questions"
         ]
-        questions = [ask_for(asked[i], config.answers) for i in rng.integers(len(asked), size=n)]
+        questions = [asked[i] for i in rng.integers(len(asked), size=n)]
     rows = {
         "steered": steered,
         "vector_idx": vector_idx,
@@ -219,10 +219,7 @@ def make_examples(
     df["assistant_response"] = [replies[i] for i in rng.integers(len(replies), size=n)]
     df["system_prompt"] = config.system_prompt
     df["variant"] = config.variant
-    df = df[list(COLUMNS)]
-    if config.answers != "yes-no":
-        df["answers"] = config.answers
-    return df
+    return ask_in(df[list(COLUMNS)], config.answers)
 
 
 def split(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

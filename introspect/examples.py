@@ -21,6 +21,7 @@ from introspect.detection import (
     ANSWER_PAIRS,
     DetectionExample,
     DetectionPrompt,
+    ask_for,
     build_prompt,
     score_detection,
 )
@@ -153,6 +154,15 @@ def normalise(df: pd.DataFrame, source: str = "examples") -> pd.DataFrame:
         row = int(steered_without_vector.idxmax())
         raise IntrospectError(f"examples: row {row} is steered but has no 'vector_idx'")
     return df
+
+
+def ask_in(df: pd.DataFrame, answers: str) -> pd.DataFrame:
+    """The rows asked for the ``answers`` pair: questions rewritten by
+    :func:`introspect.detection.ask_for` and the ``answers`` column set (yes/no rows as given)."""
+    if answers == "yes-no":
+        return df
+    questions = [ask_for(q, answers) for q in df["detection_question"]]
+    return df.assign(detection_question=questions, answers=answers)
 
 
 def write_examples(df: pd.DataFrame, path: str | os.PathLike) -> None:

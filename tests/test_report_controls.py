@@ -12,6 +12,7 @@ from scipy import stats
 from test_report_verdicts import b1_metrics, plan, unit
 
 from introspect.control_verdicts import controls_markdown
+from introspect.evals.side_effects import exact_match
 from introspect.replicates import replicate_groups, t_interval
 from introspect.report import build_report
 
@@ -87,7 +88,7 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
             "self_attribution_all": {"p_yes": {"mean": 0.4, "n": 2, "ci": [0.3, 0.5]},
                                      "excluded": 1},
             "min_mass": 0.5})  # fmt: skip
-        rows = [{"key": f"k{i}", "response": r, "answers": a}
+        rows = [{"key": f"k{i}", "response": r, "answers": a, "correct": exact_match(r, a)}
                 for i, (r, a) in enumerate(zip(said, answers, strict=True))]  # fmt: skip
         (d / "capability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
         b2 = pd.DataFrame({"key": ["s0", "s1", "s2"], "category": ["self_x"] * 3,

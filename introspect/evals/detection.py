@@ -29,7 +29,6 @@ from introspect.data import (
     layer_ranges,
     range_name,
 )
-from introspect.detection import ask_for
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     MassFilter,
@@ -40,7 +39,13 @@ from introspect.evals.common import (
     model_call,
     model_dims,
 )
-from introspect.examples import examples_frame, score_examples, twin_rows, write_examples
+from introspect.examples import (
+    ask_in,
+    examples_frame,
+    score_examples,
+    twin_rows,
+    write_examples,
+)
 from introspect.io import write_json, write_text
 from introspect.metrics import detection_metrics
 from introspect.models import LoadedModel
@@ -314,10 +319,7 @@ def run_detection(
         texts,
     )
     trials["system_prompt"] = cfg.system_prompt  # every trial's conversation starts with it
-    if cfg.answers != "yes-no":  # the same trials, asked for another answer pair
-        asked = [ask_for(q, cfg.answers) for q in trials["detection_question"]]
-        trials["detection_question"] = asked
-        trials["answers"] = cfg.answers
+    trials = ask_in(trials, cfg.answers)  # the same trials, asked for another pair
     sets = {random_vs.name: random_vs} | ({concept_vs.name: concept_vs} if concept_vs else {})
     info = texts["info_prompt"] if cfg.info_prompt else None
     scores, metrics = evaluate_detection(

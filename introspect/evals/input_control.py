@@ -39,7 +39,6 @@ from introspect.data import (
     default_prompts,
     layer_ranges,
 )
-from introspect.detection import ask_for
 from introspect.errors import IntrospectError
 from introspect.evals.common import (
     MassFilter,
@@ -57,7 +56,7 @@ from introspect.evals.common import (
     read_resource,
     suite_mapper,
 )
-from introspect.examples import examples_frame, score_examples, twin_rows
+from introspect.examples import ask_in, examples_frame, score_examples, twin_rows
 from introspect.io import markdown_table
 from introspect.metrics import _auroc_stat, auroc, bootstrap_ci
 from introspect.models import LoadedModel
@@ -276,11 +275,7 @@ def run_input_control(
         vs, n_layers, cfg.n_trials, mags, cfg.perturbations, cfg.seed, texts
     )
     trials["system_prompt"] = cfg.system_prompt
-    if cfg.answers != "yes-no":  # ask a model trained on another pair in its own pair
-        trials["detection_question"] = [
-            ask_for(q, cfg.answers) for q in trials["detection_question"]
-        ]
-        trials["answers"] = cfg.answers
+    trials = ask_in(trials, cfg.answers)  # the same trials, asked for another pair
     run = suite_mapper(cfg, lm, mapper, progress)
     scores = run(score_examples, trials, vector_sets={vs.name: vs}, batch_size=cfg.batch_size)
     scores = trials.merge(scores[["key", "p_yes", "yes_no_mass"]], on="key", validate="1:1")
