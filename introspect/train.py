@@ -2,8 +2,9 @@
 
 One step: the batched prefix pass under ``no_grad`` with per-row steering fills the cache, the
 suffix pass runs with gradients, and the loss is the 2-way cross-entropy over the (yes, no)
-logits at the answer position. LoRA (peft) or full fine-tuning; AdamW with linear warm-up and
-decay; clipping; accumulation.
+logits at the answer position, plus ``mass_weight`` times the pair's negative log mass (an answer
+pair the model does not already say, such as Red/Blue, has to be learnt as the answer format).
+LoRA (peft) or full fine-tuning; AdamW with linear warm-up and decay; clipping; accumulation.
 
 Data order is a function of (seed, micro-step) alone, and a checkpoint holds the trainable
 weights, optimizer, scheduler and RNG state and the step, so a resumed run takes exactly the
@@ -86,6 +87,15 @@ class TrainConfig(Config):
         "original", description="the data variant this run expects (plans check it)"
     )
     info_prompt: bool = Field(False, description="prepend the info prompt to every example")
+    mass_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of -log(probability mass of the answer pair) added to the 2-way "
+        "loss; 1 makes it the full-vocabulary cross-entropy on the answer token. 0 (the "
+        "reference's loss) leaves the pair's mass where the base model has it, which suits "
+        "yes/no; a neutral pair such as Red/Blue needs it, or its answers stay under the mass "
+        "filter",
+    )
     contexts_per_batch: int | None = Field(
         None,
         ge=1,
@@ -301,10 +311,24 @@ def label_targets(labels: Sequence) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def answer_loss(
+    pair: torch.Tensor, targets: torch.Tensor, mass_weight: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy over the answer pair's log-probabilities (``[B, answers]``, from
+    :func:`answer_pair`) plus ``mass_weight`` × −log of the pair's mass; with weight 1 this is
+    −log p(target) over the whole vocabulary."""
+    loss = F.cross_entropy(pair, targets, reduction=reduction)
+    if mass_weight:
+        nll_mass = -pair.logsumexp(-1)
+        loss = loss + mass_weight * (nll_mass.sum() if reduction == "sum" else nll_mass.mean())
+    return loss
+
+
 def answer_pair(
     model, prompts: Sequence[DetectionPrompt], pad_id: int, share_prefixes: bool = False
 ) -> torch.Tensor:
-    """``[B, answers]`` logits of each prompt's answer tokens.
+    """``[B, answers]`` log-probabilities (over the vocabulary) of each prompt's answer tokens;
+    a softmax over them is the 2-way answer distribution.
 
     The steered prefix is read without grad and in eval mode: dropout there would only add noise
     to the cache, since no gradient flows through it (it also costs a third of the prefix pass
@@ -317,15 +341,22 @@ def answer_pair(
         cache = prefix_cache(model, batch, share_prefixes)
     finally:
         model.train(was_training)
-    return suffix_logits(model, batch, cache).float().gather(1, batch.answer_ids)
+    logits = suffix_logits(model, batch, cache).float()
+    return logits.log_softmax(-1).gather(1, batch.answer_ids)
 
 
 @torch.no_grad()
 def validate(
-    model, prompts, labels, pad_id: int, batch_size: int, cast: torch.dtype | None = None
+    model,
+    prompts,
+    labels,
+    pad_id: int,
+    batch_size: int,
+    cast: torch.dtype | None = None,
+    mass_weight: float = 0.0,
 ) -> tuple[float, float]:
-    """Validation accuracy and mean cross-entropy over the answer tokens (forward autocast to
-    ``cast`` when given).
+    """Validation accuracy and mean training loss (:func:`answer_loss`) over the answer tokens
+    (forward autocast to ``cast`` when given).
 
     Under data parallelism each worker takes every ``world``-th prompt and the sums are
     combined, so every worker returns the same numbers for the whole set. Every worker runs the
@@ -347,7 +378,7 @@ def validate(
             pair = answer_pair(model, chunk, pad_id)
         keep = max(0, min(len(pair), n_real - start))
         pair, t = pair[:keep], targets[start : start + keep].to(pair.device)
-        total_loss += float(F.cross_entropy(pair, t, reduction="sum")) if keep else 0.0
+        total_loss += float(answer_loss(pair, t, mass_weight, "sum")) if keep else 0.0
         correct += int((pair.argmax(-1) == t).sum())
     model.train(was_training)
     total_loss, correct, n = sum_scalars([total_loss, correct, n_real])
@@ -520,7 +551,7 @@ def train_prompts(
             with autocast(pair_device, cast):
                 pair = answer_pair(model, [train_set[i] for i in idx], pad_id, groups is not None)
             targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
-            loss = F.cross_entropy(pair, targets)
+            loss = answer_loss(pair, targets, config.mass_weight)
             opt.backward(loss)
             loss_sum += float(loss.detach())
             correct += int((pair.argmax(-1) == targets).sum())
@@ -541,7 +572,7 @@ def train_prompts(
         }
         if step % config.eval_every == 0 or step == n_steps:
             val_acc, val_loss = validate(
-                model, val_set, val_labels, pad_id, config.batch_size * 2, cast
+                model, val_set, val_labels, pad_id, config.batch_size * 2, cast, config.mass_weight
             )
             record.update(val_accuracy=val_acc, val_loss=val_loss)
             if val_acc > best_acc:

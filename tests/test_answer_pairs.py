@@ -63,7 +63,33 @@ def test_scores_are_the_pairs_softmax_of_a_plain_forward(tiny):
     assert got["yes_no_mass"].iloc[0] == pytest.approx(float(p.sum()), rel=1e-3)
 
 
-def test_training_on_the_neutral_pair_learns_it(tmp_path):
+def test_answer_loss_is_the_pair_loss_plus_the_mass_term():
+    from introspect.train import answer_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    ids = torch.tensor([[3, 7]] * 6)
+    targets = torch.tensor([0, 1, 1, 0, 0, 1])
+    pair = logits.log_softmax(-1).gather(1, ids)
+    # Weight 0: the 2-way cross-entropy on the raw pair logits (the softmax ignores the shift).
+    assert answer_loss(pair, targets) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits.gather(1, ids), targets)), rel=1e-6
+    )
+    # Weight 1: the full-vocabulary cross-entropy on the target's token.
+    token = ids.gather(1, targets[:, None])[:, 0]
+    full = torch.nn.functional.cross_entropy(logits, token, reduction="sum")
+    assert answer_loss(pair, targets, 1.0, "sum") == pytest.approx(float(full), rel=1e-6)
+
+
+def _pair_mass(lm, prompts) -> float:
+    from introspect.train import answer_pair
+
+    with torch.no_grad():
+        return float(answer_pair(lm.model, prompts, lm.tokenizer.pad_token_id).exp().sum(-1).mean())
+
+
+@pytest.mark.parametrize("mass_weight", [0.0, 1.0])
+def test_training_on_the_neutral_pair_learns_it(tmp_path, mass_weight):
     from introspect.train import validate
 
     config = DataConfig(n=120, answers="red-blue", magnitudes=[8.0, 16.0],
@@ -76,8 +102,15 @@ def test_training_on_the_neutral_pair_learns_it(tmp_path):
     assert all(p.answer_ids[0] == red for p in prompts)
     labels, pad = rows["label"].tolist(), lm.tokenizer.pad_token_id
     _, loss0 = validate(lm.model, prompts, labels, pad, 8)
-    steps = dict(lr=1e-3, warmup_steps=2, batch_size=4, eval_every=12, save_every=12,
-                 max_steps=12)  # fmt: skip
+    mass0 = _pair_mass(lm, prompts)
+    steps = dict(lr=5e-3, warmup_steps=2, batch_size=4, eval_every=12, save_every=12,
+                 max_steps=12, mass_weight=mass_weight)  # fmt: skip
     train(lm, train_df, val_df, {"random": VS}, preset("original", **steps), tmp_path / "run")
     _, loss1 = validate(lm.model, prompts, labels, pad, 8)
-    assert loss1 < loss0  # the loss on the Red/Blue pair went down
+    assert loss1 < loss0  # the 2-way loss on the Red/Blue pair went down either way
+    mass1 = _pair_mass(lm, prompts)
+    if mass_weight:
+        assert mass1 > 2 * mass0, (mass0, mass1)  # the answer format is learnt (3.4x)
+    else:
+        # The reference's 2-way loss leaves the mass about where it was (1.1x).
+        assert mass1 < 1.5 * mass0, (mass0, mass1)
