@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -328,12 +328,19 @@ def answer_pair(
     model, prompts: Sequence[DetectionPrompt], pad_id: int, share_prefixes: bool = False
 ) -> torch.Tensor:
     """``[B, answers]`` log-probabilities (over the vocabulary) of each prompt's answer tokens;
-    a softmax over them is the 2-way answer distribution.
+    a softmax over them is the K-way answer distribution. Rows with fewer answers than the
+    batch's most (a 3-way question beside a 10-way one) get −inf in the spare columns.
 
     The steered prefix is read without grad and in eval mode: dropout there would only add noise
     to the cache, since no gradient flows through it (it also costs a third of the prefix pass
     on a CPU). ``share_prefixes``: rows with the same prefix share it below their steered layers.
     """
+    k = [len(p.answer_ids) for p in prompts]
+    if min(k) < max(k):
+        prompts = [
+            replace(p, answer_ids=tuple(p.answer_ids) + (p.answer_ids[0],) * (max(k) - n))
+            for p, n in zip(prompts, k, strict=True)
+        ]
     batch = collate(prompts, pad_id).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -342,7 +349,11 @@ def answer_pair(
     finally:
         model.train(was_training)
     logits = suffix_logits(model, batch, cache).float()
-    return logits.log_softmax(-1).gather(1, batch.answer_ids)
+    out = logits.log_softmax(-1).gather(1, batch.answer_ids)
+    if min(k) < max(k):
+        n = torch.tensor(k, device=out.device)[:, None]
+        out = out.masked_fill(torch.arange(max(k), device=out.device) >= n, float("-inf"))
+    return out
 
 
 @torch.no_grad()

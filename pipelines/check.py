@@ -173,6 +173,21 @@ def _train_estimate(plan: Plan, name: str, recipe_config, dev: Device) -> StageE
     )  # fmt: skip
 
 
+@functools.cache
+def _localization_lengths(n_sentences: int) -> tuple[int, int]:
+    """Prefix and suffix tokens of a B7 / Phase C trial: the longest of a few messages of
+    ``n_sentences``, asked the sentence question (the longest), in SmolLM2's tokenizer."""
+    import torch
+
+    from introspect.evals.localization import localization_prompts, localization_trials
+    from introspect.models import smollm2_tokenizer
+
+    trials = localization_trials(30, [1.0] * 30, range(1), 8, "eval", ["sentence"],
+                                 n_sentences=n_sentences)  # fmt: skip
+    prompts = localization_prompts(smollm2_tokenizer(), trials, torch.zeros(1, 8))
+    return max(len(p.prefix_ids) for p in prompts), max(len(p.suffix_ids) for p in prompts)
+
+
 # Per suite: (rows forwarded, tokens each), (rows generated, new tokens each) from its config.
 def _suite_work(suite: str, cfg) -> tuple[int, int, int, int]:
     tp, ts = _lengths()
@@ -199,7 +214,8 @@ def _suite_work(suite: str, cfg) -> tuple[int, int, int, int]:
             return n, tp + ts, n, cfg.max_new_tokens
         return 0, 0, n, cfg.max_new_tokens
     if suite == "localization":
-        return len(cfg.questions or QUESTIONS) * cfg.n_per_question, tp + ts, 0, 0
+        n = len(cfg.questions or QUESTIONS) * cfg.n_per_question
+        return n, sum(_localization_lengths(cfg.n_sentences)), 0, 0
     if suite == "yes-bias":
         from introspect.evals.behavioral import behavioral_trials
         from introspect.evals.common import read_json, read_resource
@@ -288,7 +304,7 @@ def _localize_estimate(plan: Plan, name: str, config, dev: Device) -> StageEstim
     train = config.train_config()
     a = arch(config.model)
     w = _dtype_bytes(config.dtype, gpu)
-    tp, ts = _lengths()
+    tp, ts = _localization_lengths(config.n_sentences)
     shape = TrainShape(train.batch_size, tp, ts, w, train.method, train.lora_r,
                        tuple(train.target_modules), train.gradient_checkpointing)  # fmt: skip
     steps = total_steps(train, config.n_train)

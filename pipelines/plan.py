@@ -94,7 +94,9 @@ class SweepStage(TrainStage, SweepSettings):
 class EvalStage(_Stage):
     kind: Literal["eval"]
     suite: Literal[EVAL_SUITES] = Field(description="the evaluation suite (B1-B7 and the controls)")
-    models: list[str] = Field([BASE], description="'base' and/or names of train stages")
+    models: list[str] = Field(
+        [BASE], description="'base' and/or names of train (or localize) stages"
+    )
     vectors: list[str] = Field([], description="vector stages (detection: random, then concepts)")
     options: dict[str, Any] = Field({}, description="the suite's options")
     # > 0: one pool of this many model hosts evaluates the models in turn (adapters switched on
@@ -114,6 +116,11 @@ class LocalizeStage(_Stage):
     config: dict[str, Any] = Field({}, description="the localisation training's config")
     vectors: str | None = Field(
         None, description="the random vectors stage to train and test on (default: built-in)"
+    )
+    concept_vectors: str | None = Field(
+        None,
+        description="the concepts vectors stage the concept question trains on (its training "
+        "rows) and tests on (the rest); default: made from the shipped words",
     )
     HASHED = ("kind", "config", "model")
 
@@ -200,10 +207,11 @@ def _expected_kinds(stage) -> dict[str, tuple[str, ...]]:
     if isinstance(stage, TrainStage):  # sweeps too
         out[stage.data] = ("data",)
         out.update({v: ("vectors",) for v in stage.vectors or []})
-    if isinstance(stage, LocalizeStage) and stage.vectors:
-        out[stage.vectors] = ("vectors",)
+    if isinstance(stage, LocalizeStage):
+        out.update({v: ("vectors",) for v in (stage.vectors, stage.concept_vectors) if v})
     if isinstance(stage, EvalStage):
-        out.update({m: ("train",) for m in stage.models if m != BASE})
+        # a Phase C (localize) stage's model is a trained model too
+        out.update({m: ("train", "localize") for m in stage.models if m != BASE})
         out.update({v: ("vectors",) for v in stage.vectors})
     return out
 
@@ -270,7 +278,7 @@ def _dir(inputs: dict[str, Path] | None, stage: str, sub: str = "") -> str:
 
 
 # Plan-level fields a stage's options/config may not set: the plan fills them.
-_FILLED = ("model", "adapter", "label", "vectors", "concepts")
+_FILLED = ("model", "adapter", "label", "vectors", "concepts", "concept_vectors")
 
 
 def _own(options: dict, where: str) -> dict:
@@ -316,6 +324,8 @@ def stage_configs(
     options = _dtype(plan, kind) | _own(stage.config, f"{where}.config") | {"model": model}
     if stage.kind == "localize" and stage.vectors:
         options["vectors"] = vector_file(inputs, stage.vectors)
+    if stage.kind == "localize" and stage.concept_vectors:
+        options["concept_vectors"] = vector_file(inputs, stage.concept_vectors)
     return [(None, kind, recipe(kind).parse(options, f"{where}.config"))]
 
 
@@ -394,6 +404,8 @@ def _eval_config(plan: Plan, name: str, model_ref: str, inputs: dict[str, Path] 
         if "vectors" not in cls.model_fields:
             raise IntrospectError(f"{where}.vectors: suite {stage.suite!r} takes no vectors")
         config["vectors"] = files[0]
+        if len(files) > 1 and "concept_vectors" in cls.model_fields:  # B7's concept question
+            config["concept_vectors"] = files[1]
     return recipe(f"eval.{stage.suite}").parse(config, f"{where}.options")
 
 

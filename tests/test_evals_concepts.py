@@ -138,3 +138,21 @@ def test_a_missing_judge_is_refused_before_any_generation(tmp_path):
     with pytest.raises(IntrospectError, match="embedder: .*nowhere holds no model.safetensors"):
         concepts.run_concepts(config, tmp_path / "out", mapper=mapper)
     assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_first_concept_takes_the_held_out_rows_of_a_vector_file(tiny, tmp_path):
+    from introspect.errors import IntrospectError
+    from introspect.evals import concepts
+    from introspect.vectors import VectorSet, save_vectors
+
+    names = [f"word{i}" for i in range(6)]
+    vs = VectorSet(random_vectors(tiny.d_model, 6, 0), "tiny-random", "concept", 3, names=names)
+    path = tmp_path / "c.safetensors"
+    save_vectors(path, vs)
+    cfg = concepts.ConceptsConfig(model="tiny-random", vectors=str(path), first_concept=3,
+                                  n_concepts=2, layers=[0, 2])  # fmt: skip
+    got, *_ = concepts.injection(cfg, tiny, None, ["Hello there."])
+    assert got.names == ["word3", "word4"]
+    assert torch.equal(got.vectors, vs.vectors[3:5])
+    with pytest.raises(IntrospectError, match="first_concept: 6 is past the last of 6"):
+        concepts.injection(cfg.model_copy(update={"first_concept": 6}), tiny, None, ["Hi."])

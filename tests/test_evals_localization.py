@@ -11,9 +11,11 @@ from introspect.data import layer_ranges
 from introspect.detection import DetectionExample, build_prompt
 from introspect.evals.common import read_resource
 from introspect.evals.localization import (
+    MAX_SENTENCES,
     localization_metrics,
     localization_prompts,
     localization_trials,
+    question,
     run_localization,
     score_localization,
     sentence_positions,
@@ -56,6 +58,71 @@ def test_sentence_positions_cover_exactly_that_sentence(tiny):
     assert spans[0][1] == spans[1][0] and spans[1][1] == spans[2][0]  # adjacent, no overlap
 
 
+# Qwen2.5-Instruct's chat template (its no-tools branch, with the default system prompt it adds
+# when there is none), applied here with SmolLM2's tokenizer: Qwen's own tokenizer is a hub
+# download. The character offsets are what the template changes.
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["shipped", "qwen2.5"])
+@pytest.mark.parametrize("system_prompt", [None, "You are a careful assistant."])
+def test_steered_positions_are_exactly_the_sentence_in_every_template(
+    tiny, template, system_prompt
+):
+    """Every one of ten sentences, in contexts drawn as the trials draw them: the steered token
+    slice decodes to that sentence, the slices tile the message, and no template token (role
+    header, system prompt, end-of-turn) is inside any of them."""
+    import copy
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    if template == "qwen2.5":
+        tok.chat_template = QWEN25_TEMPLATE
+    trials = localization_trials(30, NORMS, range(5), 4, "eval", ["sentence"], seed=3,
+                                 n_sentences=MAX_SENTENCES)  # fmt: skip
+    for r in trials.itertuples():
+        sentences = json.loads(r.sentences)
+        ex = DetectionExample(" ".join(sentences), "Thanks.", "Which one?", system_prompt)
+        prefix = build_prompt(tok, ex).prefix_ids
+        spans = [sentence_positions(tok, ex, sentences, k) for k in range(len(sentences))]
+        for (a, b), s in zip(spans, sentences, strict=True):
+            assert tok.decode(prefix[a:b]).strip() == s
+        assert all(spans[k][1] == spans[k + 1][0] for k in range(len(spans) - 1))
+        inside = tok.decode(prefix[spans[0][0] : spans[-1][1]])
+        assert inside.strip() == " ".join(sentences)
+        assert "<|im_" not in inside and "assistant" not in inside
+
+
+def test_ten_sentence_trials_ask_with_ten_single_token_answers(tiny):
+    trials = localization_trials(30, NORMS, range(100, 200), 40, "eval", seed=4,
+                                 n_sentences=10)  # fmt: skip
+    sentence = trials[trials["question"] == "sentence"]
+    assert sentence["label"].value_counts().tolist() == [4] * 10  # balanced over ten
+    assert (sentence["n_options"] == 10).all()
+    assert (trials.loc[trials["question"] != "sentence", "n_options"] == 3).all()
+    assert trials["steered_sentence"].between(0, 9).all()
+    assert all(len(json.loads(x)) == 10 for x in trials["sentences"])
+    text, answers = question(read_resource("localization.json"), "sentence", 10)
+    assert text.startswith("My previous message had ten sentences.")
+    assert "first, second, third, fourth, fifth, sixth, seventh, eighth, ninth or tenth" in text
+    prompts = localization_prompts(tiny.tokenizer, trials, random_vectors(tiny.d_model, 200, 0))
+    for p, r in zip(prompts, trials.itertuples(), strict=True):
+        assert len(p.answer_ids) == r.n_options == len(set(p.answer_ids))
+    assert len(question(read_resource("localization.json"), "sentence", 3)[1]) == 3
+
+
 def test_prompts_steer_the_chosen_sentence_with_three_answers(tiny):
     trials = localization_trials(4, [1.0] * 4, range(0, 5), 3, "train", seed=2)
     vectors = random_vectors(tiny.d_model, 5, 0)
@@ -77,6 +144,7 @@ def test_metrics_from_scripted_predictions():
             "label": [0, 1, 2, 0, 1, 2, 0, 1, 2],
             "predicted": [0, 0, 0, 0, 1, 2, 2, 1, 0],
             "answer_mass": [0.5] * 9,
+            "n_options": [3] * 9,
         }
     )
     m = localization_metrics(results)
@@ -85,6 +153,21 @@ def test_metrics_from_scripted_predictions():
     assert m["layers"]["answer_rates"] == pytest.approx([4 / 6, 1 / 6, 1 / 6])
     assert m["sentence"]["accuracy"]["rate"] == pytest.approx(1 / 3)
     assert m["layers"]["answers"] == ["early", "middle", "late"]
+    assert m["layers"]["prior_accuracy"]["rate"] == pytest.approx(2 / 6)  # label 0: 2 of 6
+    assert m["layers"]["chance"] == pytest.approx(1 / 3)
+
+
+def test_ten_way_metrics_from_scripted_predictions():
+    labels = [k % 10 for k in range(20)] + [0, 0]  # label 0 three times: the prior's answer
+    predicted = labels[:15] + [9] * 7  # 15 right, then "tenth" every time
+    results = pd.DataFrame({"question": "sentence", "label": labels, "predicted": predicted,
+                            "answer_mass": 1.0, "n_options": 10})  # fmt: skip
+    m = localization_metrics(results)["sentence"]
+    assert np.array(m["confusion"]).shape == (10, 10)
+    assert m["accuracy"]["successes"] == 16 and m["accuracy"]["n"] == 22  # + the label-9 row
+    assert m["chance"] == pytest.approx(0.1) and m["n_options"] == 10
+    assert m["prior_accuracy"]["successes"] == 4  # label 0: rows 0, 10, 20, 21
+    assert m["answers"][-1] == "tenth" and m["answer_rates"][9] == pytest.approx(8 / 22)
 
 
 
@@ -110,7 +193,7 @@ def test_per_shard_function_and_stage_on_tiny(tiny, tmp_path):
 
 def test_phase_c_data_uses_training_sentences_and_vectors(tiny):
     cfg = LocalizeTrainConfig(model="tiny-random", n_train=30, n_val=6)
-    train, val = localization_data(tiny, cfg, [1.0] * tiny.n_layers)
+    train, val, _ = localization_data(tiny, cfg, [1.0] * tiny.n_layers)
     assert len(train) == 30 and len(val) == 6
     assert train["vector_idx"].max() < 100 and set(train["question"]) == {
         "layers",

@@ -148,6 +148,16 @@ MALFORMED = [
         "stages.food-control.data: preset 'food-control' expects 'food-control' data",
     ),  # fmt: skip
     ("a dependency cycle", edit("stages.random.after", ["b1"]), "stages.random: dependency cycle"),
+    (
+        "concept vectors from a data stage",
+        edit("stages.phase-c.concept_vectors", "data"),
+        "stages.phase-c: 'data' is a data stage, expected vectors",
+    ),  # fmt: skip
+    (
+        "an eval of a data stage's model",
+        edit("stages.b1.models", ["base", "data"]),
+        "stages.b1: 'data' is a data stage, expected train or localize",
+    ),  # fmt: skip
 ]
 
 
@@ -183,6 +193,23 @@ def test_the_plan_with_every_kind_of_stage_is_valid_as_it_is(tmp_path):
     path = tmp_path / "good.yaml"
     path.write_text(yaml.safe_dump(tiny()))
     assert set(load_plan(path).stages) >= {"sweep", "b7", "phase-c", "stance"}
+
+
+def test_phase_c_models_are_evaluated_and_read_their_concept_vectors(tmp_path):
+    from pipelines.plan import stage_configs
+
+    plan = tiny()
+    plan["stages"]["phase-c"]["concept_vectors"] = "random"
+    plan["stages"]["b7"]["models"] = ["base", "phase-c"]
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    loaded = load_plan(path)
+    inputs = {n: tmp_path / n for n in loaded.stages}
+    (_, _, localize), = stage_configs(loaded, "phase-c", inputs)
+    assert localize.concept_vectors == str(tmp_path / "random" / "random.safetensors")
+    evals = dict((m, c) for m, _, c in stage_configs(loaded, "b7", inputs))
+    assert evals["phase-c"].adapter == str(tmp_path / "phase-c" / "run")
+    assert evals["base"].adapter is None
 
 
 def test_yaml_means_what_a_person_means(tmp_path):

@@ -64,7 +64,13 @@ class ConceptsConfig(FullRun, ModelConfig):
         description="concept vector file with names (default: made here from the shipped "
         "concept words)",
     )
-    n_concepts: int = Field(8, ge=1, description="the first N concepts")
+    n_concepts: int = Field(8, ge=1, description="how many concepts, from first_concept on")
+    first_concept: int = Field(
+        0,
+        ge=0,
+        description="the first concept evaluated (e.g. a vector file's n_train: its held-out "
+        "concepts, which Phase C's concept question never trains on)",
+    )
     layer: int | None = Field(
         None, ge=0, description="layer the concept vectors are extracted at (default: ~2/3 depth)"
     )
@@ -370,13 +376,18 @@ def injection(cfg: ConceptsConfig, lm, mapper, contexts: list[str]):
         vs = load_vectors(cfg.vectors, d_model)
         if not vs.names:
             raise IntrospectError(f"vectors: {cfg.vectors} has no concept names")
-        vs.vectors, vs.names = vs.vectors[: cfg.n_concepts], vs.names[: cfg.n_concepts]
     else:
         words, templates = default_concepts()
         vs = model_call(
-            cfg, lm, mapper, concept_vectors, concepts=words[: cfg.n_concepts],
+            cfg, lm, mapper, concept_vectors, concepts=words[: cfg.first_concept + cfg.n_concepts],
             templates=templates, layer=cfg.layer, batch_size=cfg.batch_size,
         )  # fmt: skip
+    if cfg.first_concept >= len(vs.names):
+        raise IntrospectError(
+            f"first_concept: {cfg.first_concept} is past the last of {len(vs.names)} concepts"
+        )
+    chosen = slice(cfg.first_concept, cfg.first_concept + cfg.n_concepts)
+    vs.vectors, vs.names = vs.vectors[chosen], vs.names[chosen]
     layer = vs.layer if vs.layer is not None else default_concept_layer(n_layers)
     start, end = cfg.layers or [max(0, layer - 2), layer + 1]
     if not 0 <= start < end <= n_layers:

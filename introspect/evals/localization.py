@@ -1,17 +1,18 @@
 """B7 localisation probes: which layers, how strong, which sentence? (zero-shot or trained)
 
-A trial is a three-sentence user message and a fixed reply, read with a random unit vector added
-to ONE sentence's tokens, in one of the early/middle/late layer ranges
-(:func:`introspect.data.layer_ranges`), at one of three strengths (factors of the range's mean
-residual norm, measured on the base model). The injection is removed and one question is asked
-with multi-way answer tokens (" early"/" middle"/" late", " weak"/" medium"/" strong",
-" first"/" second"/" third"; each checked to be one token): the answer is the argmax of the K
-answer-token logits after the prefill "The answer is". Labels are balanced within each question,
-so chance is 1/3; accuracy gets a Wilson interval, and the confusion matrix shows a model that
-always gives one answer.
+A trial is a user message of ``n_sentences`` sentences (default 10) and a fixed reply, read with
+a random unit vector added to ONE sentence's tokens, in one of the early/middle/late layer
+ranges (:func:`introspect.data.layer_ranges`), at one of three strengths (factors of the range's
+mean residual norm, measured on the base model). The injection is removed and one question is
+asked with multi-way single-token answers (" early"/" middle"/" late", " weak"/" medium"/
+" strong", " first" ... " tenth"): the answer is the argmax of the K answer-token logits after
+the prefill "The answer is". Labels are balanced within each question, so chance is 1/K (3, 3,
+``n_sentences``); accuracy gets a Wilson interval, the answer-prior baseline (always the most
+common label) sits beside it, and the confusion matrix shows a model that always gives one answer.
 
 The same trials train Phase C (:mod:`introspect.localize_train`), on the even-indexed sentences
-and the training rows of the vector set; B7 uses the odd-indexed sentences and held-out rows.
+and the training rows of the vector set; B7 uses the odd-indexed sentences and held-out rows, so
+its sentences, its contexts and its vectors are never seen in training.
 """
 
 from __future__ import annotations
@@ -37,26 +38,33 @@ from introspect.evals.common import (
     ModelConfig,
     Progress,
     answer_ids,
-    figure,
     finish,
-    fmt_rate,
     load_model,
     model_call,
     model_dims,
     model_label,
     rate,
-    rate_bars,
     read_resource,
     row_steering,
     score_choices,
     suite_mapper,
 )
-from introspect.io import markdown_table
+from introspect.evals.concept_choice import (
+    concept_choice_trials,
+    concept_metrics,
+    concept_question,
+    single_token_rows,
+)
+from introspect.evals.localization_report import plot, summary_markdown
 from introspect.models import LoadedModel
 
-Question = Literal["layers", "strength", "sentence"]
-QUESTIONS: tuple[str, ...] = get_args(Question)
+Question = Literal["layers", "strength", "sentence", "concept"]
+# The localisation questions, each about one factor of a trial (the default set); "concept" is
+# the forced-choice identification question (:mod:`introspect.evals.concept_choice`).
+QUESTIONS: tuple[str, ...] = get_args(Question)[:3]
 STRENGTHS = ("weak", "medium", "strong")
+MAX_SENTENCES = 10  # " first" ... " tenth" are single tokens for the shipped tokenizers
+_NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 class LocalizationTrials(MassFilter):
@@ -69,9 +77,37 @@ class LocalizationTrials(MassFilter):
         "for training)",
     )
     questions: list[Question] | None = Field(
-        None, min_length=1, description="questions asked: layers, strength, sentence (default: all)"
+        None,
+        min_length=1,
+        description="questions asked: layers, strength, sentence, concept (default: the first "
+        "three)",
     )
     n_per_question: int = Field(30, ge=1, description="B7 evaluation trials per question")
+    n_sentences: int = Field(
+        10,
+        ge=3,
+        le=MAX_SENTENCES,
+        description="sentences in the user message, one of them steered; the sentence question "
+        "offers as many answers (first, second, ...)",
+    )
+    concept_vectors: str | None = Field(
+        None,
+        description="concept vector file with names for the concept question; its training "
+        "rows train, the rest are evaluated (default: made on the base model from the shipped "
+        "concept words, the first half for training)",
+    )
+    n_choices: int = Field(
+        10,
+        ge=2,
+        le=20,
+        description="concepts the concept question offers, the injected one among them",
+    )
+    concept_factor: float = Field(
+        1.0,
+        gt=0,
+        description="concept injection strength: a factor of the concept layers' mean residual "
+        "norm (B6's scale)",
+    )
     strength_factors: list[Annotated[float, Field(gt=0)]] | None = Field(
         None,
         min_length=3,
@@ -106,6 +142,22 @@ def norm_contexts(texts: dict) -> list[str]:
     return [" ".join(s[i : i + 3]) for i in range(0, len(s) - 2, 3)]
 
 
+def question(texts: dict, name: str, n_sentences: int) -> tuple[str, list[str]]:
+    """The text of question ``name`` and its answer tokens, for a message of ``n_sentences``."""
+    q = texts["questions"][name]
+    if name != "sentence":
+        return q["question"], list(q["answer_tokens"])
+    answers = list(q["answer_tokens"][:n_sentences])
+    words = [a.strip() for a in answers]
+    options = f"{', '.join(words[:-1])} or {words[-1]}"
+    return q["question"].format(n=_NUMBERS[n_sentences - 2], options=options), answers
+
+
+def n_options(name: str, n_sentences: int) -> int:
+    """How many answers question ``name`` offers."""
+    return n_sentences if name == "sentence" else 3
+
+
 def localization_trials(
     n_layers: int,
     norms: list[float],
@@ -116,17 +168,21 @@ def localization_trials(
     strength_factors: list[float] | None = None,
     seed: int = 0,
     texts: dict | None = None,
+    n_sentences: int = 3,
 ) -> pd.DataFrame:
     """Balanced trials: for each question, ``n_per_question`` rows whose labels cycle through
-    the three classes; the other two factors, the sentences and the vector are drawn at random.
+    its K classes; the other two factors, the sentences and the vector are drawn at random.
 
     ``split`` picks the sentence pool: "train" the even-indexed sentences, "eval" the odd.
     ``norms`` are the per-layer residual norms that turn strength factors into magnitudes.
     """
     texts = texts or read_resource("localization.json")
     pool = texts["sentences"][0 if split == "train" else 1 :: 2]
-    if len(pool) < 3:
-        raise IntrospectError("sentences: need at least 3 sentences in each split")
+    if len(pool) < n_sentences:
+        raise IntrospectError(
+            f"n_sentences: {n_sentences} is more than the {len(pool)} sentences of the "
+            f"{split} split"
+        )
     if len(vector_rows) == 0:
         raise IntrospectError(f"vectors: no rows for the {split} split")
     factors = strength_factors or texts["strength_factors"]
@@ -137,11 +193,12 @@ def localization_trials(
         for i in range(n_per_question):
             # (layer range, strength, sentence): the asked-about one cycles, so labels are
             # balanced; the other two are drawn
-            draws = [int(x) for x in rng.integers(3, size=3)]
-            label = draws[QUESTIONS.index(question)] = i % 3
+            draws = [int(rng.integers(n_options(q, n_sentences))) for q in QUESTIONS]
+            label = draws[QUESTIONS.index(question)] = i % n_options(question, n_sentences)
             r, m, k = draws
             name, (start, end) = ranges[r]
-            sentences = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
+            picked = rng.choice(len(pool), size=n_sentences, replace=False)
+            sentences = [pool[j] for j in picked]
             rows.append(
                 {
                     "key": f"{split}:{question}:{i}",
@@ -156,6 +213,7 @@ def localization_trials(
                     "factor": float(factors[m]),
                     "magnitude": float(factors[m] * np.mean(norms[start:end])),
                     "vector_idx": int(vector_rows[int(rng.integers(len(vector_rows)))]),
+                    "n_options": n_options(question, n_sentences),
                 }
             )
     return pd.DataFrame(rows)
@@ -189,19 +247,26 @@ def localization_prompts(
     texts = texts or read_resource("localization.json")
     out = []
     for r in trials.itertuples():
-        q = texts["questions"][r.question]
         sentences = json.loads(r.sentences)
+        if r.question == "concept":
+            template = texts["questions"]["concept"]["question"]
+            text, answers = concept_question(template, json.loads(r.options))
+        else:
+            text, answers = question(texts, r.question, len(sentences))
         example = DetectionExample(
             context_prompt=" ".join(sentences),
             assistant_response=texts["reply"],
-            detection_question=q["question"],
+            detection_question=text,
             system_prompt=system_prompt,
-            answer_tokens=tuple(q["answer_tokens"]),
+            answer_tokens=tuple(answers),
         )
         prompt = build_prompt(tokenizer, example)
-        positions = sentence_positions(tokenizer, example, sentences, int(r.steered_sentence))
+        k = int(r.steered_sentence)
+        positions = sentence_positions(tokenizer, example, sentences, k)
+        if k < 0:  # the whole message: from the first sentence's start to the last's end
+            positions = (sentence_positions(tokenizer, example, sentences, 0)[0], positions[1])
         steering = row_steering(vectors, r, positions)
-        ids = answer_ids(tokenizer, q["answer_tokens"])
+        ids = answer_ids(tokenizer, answers)
         out.append(replace(prompt, answer_ids=ids, steering=steering))
     return out
 
@@ -213,7 +278,7 @@ def score_localization(
     batch_size: int = 16,
     system_prompt: str | None = None,
 ) -> pd.DataFrame:
-    """Per-shard function: ``key``, ``probs`` (the three answer probabilities), ``predicted``,
+    """Per-shard function: ``key``, ``probs`` (the K answer probabilities), ``predicted``,
     ``answer_mass``."""
     prompts = localization_prompts(lm.tokenizer, shard, vectors, system_prompt=system_prompt)
     probs, mass = score_choices(lm, prompts, batch_size)
@@ -228,81 +293,103 @@ def score_localization(
 
 
 def localization_metrics(results: pd.DataFrame, min_mass: float = 0.0) -> dict:
-    """Per question: accuracy (Wilson) against chance 1/3, the confusion matrix (rows = truth),
-    how often each answer is given, and the mean answer-token mass. Trials whose mass on the
-    three answer tokens is under ``min_mass`` are left out of all but the mass, and counted."""
+    """Per question: accuracy (Wilson) against chance 1/K, the answer-prior baseline (always
+    the most common label: 1/K on balanced trials), the confusion matrix (rows = truth), how
+    often each answer is given, and the mean answer-token mass. Trials whose mass on the K answer
+    tokens is under ``min_mass`` are left out of all but the mass, and counted."""
     out = {}
     texts = read_resource("localization.json")
-    for question, all_rows in results.groupby("question", sort=False):
+    for name, all_rows in results.groupby("question", sort=False):
+        k = int(all_rows["n_options"].iloc[0]) if "n_options" in all_rows else 3
         df = all_rows[all_rows["answer_mass"] >= min_mass]
-        confusion = np.zeros((3, 3), dtype=int)
+        confusion = np.zeros((k, k), dtype=int)
         for t, p in zip(df["label"], df["predicted"], strict=True):
             confusion[int(t), int(p)] += 1
         correct = int(np.trace(confusion))
-        out[question] = {
-            "answers": [a.strip() for a in texts["questions"][question]["answer_tokens"]],
+        if name == "concept":  # the offered words vary by trial: the answers are positions
+            answers = [f"#{i + 1}" for i in range(k)]
+        else:
+            answers = [a.strip() for a in question(texts, name, k)[1]]
+        out[name] = {
+            "answers": answers,
             "accuracy": rate(correct, len(df)),
-            "chance": 1 / 3,
+            "chance": 1 / k,
+            "n_options": k,
+            "prior_accuracy": rate(int(confusion.sum(1).max()), len(df)),
             "confusion": confusion.tolist(),
             "answer_rates": (confusion.sum(0) / max(len(df), 1)).tolist(),
             "mean_answer_mass": float(all_rows["answer_mass"].mean()),
             "excluded": len(all_rows) - len(df),
             "min_mass": min_mass,
         }
+        if name == "concept":
+            out[name].update(concept_metrics(df))
     return out
 
 
-def summary_markdown(metrics: dict, title: str, note: str = "", level: int = 3) -> str:
-    rows = []
-    for q, m in metrics.items():
-        lo = m["accuracy"]["ci"][0]
-        rows.append(
-            {
-                "question": q,
-                "n": m["accuracy"]["n"],
-                "accuracy [95% CI]": fmt_rate(m["accuracy"]),
-                "chance": "0.33",
-                "above chance": "yes" if lo > 1 / 3 else "no",
-                "answers given": ", ".join(
-                    f"{a} {r:.0%}" for a, r in zip(m["answers"], m["answer_rates"], strict=True)
-                ),
-                "answer mass": f"{m['mean_answer_mass']:.2f}",
-                f"excluded (mass < {m.get('min_mass', 0):g})": m.get("excluded", 0),
-            }
-        )
-    return (
-        f"{'#' * level} {title}\n\n{note}"
-        "Accuracy = argmax of the three answer-token logits equals the truth; labels are "
-        "balanced, so chance is 1/3. 'Above chance' = the Wilson 95 % interval lies above 1/3. "
-        "'Answers given' shows a model that always picks one option.\n\n"
-        + markdown_table(rows, list(rows[0]))
-    )
+def concept_set(cfg: LocalizationTrials, lm, mapper, d_model: int):
+    """The concept question's vectors: ``cfg.concept_vectors``, else made on the base model
+    from the shipped concept words, the first half for training."""
+    from introspect.evals.concept_choice import base_concept_vectors
+    from introspect.vectors import default_concepts, load_vectors
+
+    if cfg.concept_vectors:
+        vs = load_vectors(cfg.concept_vectors, d_model)
+        if not vs.names:
+            raise IntrospectError(f"concept_vectors: {cfg.concept_vectors} has no concept names")
+        return vs
+    words, templates = default_concepts()
+    return model_call(cfg, lm, mapper, base_concept_vectors, words=words, templates=templates,
+                      n_train=len(words) // 2)  # fmt: skip
 
 
-def plot(metrics: dict, path: Path, title: str) -> None:
-    """Accuracy per question with intervals and chance, and the confusion matrices."""
-    qs = list(metrics)
-    with figure(path, 1, len(qs) + 1, figsize=(3.6 * (len(qs) + 1), 3.6)) as (fig, axes):
-        ax = axes[0]
-        rate_bars(ax, qs, [metrics[q]["accuracy"] for q in qs], capsize=4, color="C0")
-        ax.axhline(1 / 3, color="C3", ls="--", lw=1, label="chance")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy (95% CI)")
-        ax.legend(fontsize=8)
-        for ax, q in zip(axes[1:], qs, strict=True):
-            c = np.array(metrics[q]["confusion"])
-            ax.imshow(c, cmap="Blues", vmin=0)
-            names = metrics[q]["answers"]
-            ax.set_xticks(range(3), names, fontsize=8)
-            ax.set_yticks(range(3), names, fontsize=8)
-            ax.set_xlabel("answered")
-            ax.set_ylabel("truth")
-            ax.set_title(q, fontsize=9)
-            for i in range(3):
-                for j in range(3):
-                    ink = "white" if c[i, j] > c.max() / 2 else "black"
-                    ax.text(j, i, str(c[i, j]), ha="center", va="center", color=ink, fontsize=9)
-        fig.suptitle(title, fontsize=10)
+def trial_set(
+    cfg: LocalizationTrials,
+    lm: LoadedModel | None,
+    mapper,
+    norms: list[float],
+    split: str,
+    n_per_question: int,
+    seed: int,
+    concepts=None,
+) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The trials of ``split`` ("train": training sentences and vector rows; "eval": the
+    held-out ones) for the questions ``cfg`` asks, and the vectors their ``vector_idx`` index:
+    the random set, then the concept set (``concepts``, else :func:`concept_set`)."""
+    from introspect.models import load_tokenizer
+    from introspect.vectors import default_concept_layer
+
+    texts = read_resource("localization.json")
+    n_layers, d_model = model_dims(cfg, lm)
+    vs = default_vectors(d_model, cfg.vectors, cfg.model)
+    asked = cfg.questions or list(QUESTIONS)
+    train = split == "train"
+    parts, vectors = [], vs.vectors
+    factors = [q for q in asked if q != "concept"]
+    if factors:
+        rows = range(vs.n_train) if train else range(vs.n_train, len(vs.vectors))
+        parts.append(
+            localization_trials(
+                n_layers, norms, rows, n_per_question, split, factors, cfg.strength_factors,
+                seed, texts, cfg.n_sentences,
+            )
+        )  # fmt: skip
+    if "concept" in asked:
+        cs = concepts or concept_set(cfg, lm, mapper, d_model)
+        tokenizer = lm.tokenizer if lm is not None else load_tokenizer(cfg.model)
+        rows = range(cs.n_train) if train else range(cs.n_train, len(cs.vectors))
+        layer = cs.layer if cs.layer is not None else default_concept_layer(n_layers)
+        start, end = max(0, layer - 2), layer + 1
+        parts.append(
+            concept_choice_trials(
+                cs.names, single_token_rows(tokenizer, cs.names, rows), n_per_question,
+                cfg.n_choices, (start, end), cfg.concept_factor * float(np.mean(norms[start:end])),
+                texts["sentences"][0 if train else 1 :: 2], cfg.n_sentences, split, seed,
+                vector_offset=len(vs.vectors),
+            )
+        )  # fmt: skip
+        vectors = torch.cat([vs.vectors, cs.vectors.to(vs.vectors.dtype)])
+    return pd.concat(parts, ignore_index=True), vectors
 
 
 def evaluate_localization(
@@ -319,26 +406,14 @@ def evaluate_localization(
     ``progress`` (as in :func:`introspect.evals.common.suite_mapper`) run the scoring."""
     from introspect.activations import base_residual_norms
 
-    texts = read_resource("localization.json")
-    n_layers, d_model = model_dims(cfg, lm)
-    vs = default_vectors(d_model, cfg.vectors, cfg.model)
     if norms is None:
+        texts = read_resource("localization.json")
         norms = model_call(cfg, lm, mapper, base_residual_norms, prompts=norm_contexts(texts))
-    trials = localization_trials(
-        n_layers,
-        norms,
-        range(vs.n_train, len(vs.vectors)),
-        cfg.n_per_question,
-        "eval",
-        cfg.questions,
-        cfg.strength_factors,
-        cfg.seed,
-        texts,
-    )
+    trials, vectors = trial_set(cfg, lm, mapper, norms, "eval", cfg.n_per_question, cfg.seed)
     scores = suite_mapper(cfg, lm, mapper, progress)(
         score_localization,
         trials,
-        vectors=vs.vectors,
+        vectors=vectors,
         batch_size=cfg.batch_size,
         system_prompt=cfg.system_prompt,
     )
@@ -362,7 +437,11 @@ def run_localization(
     title = f"B7 localisation probes: {model_label(cfg)}"
     plot(per_question, Path(out_dir) / "localization.png", title)
     summary = (
-        summary_markdown(per_question, title, f"{cfg.n_per_question} trials per question. ")
+        summary_markdown(
+            per_question,
+            title,
+            f"{cfg.n_per_question} trials per question, {cfg.n_sentences} sentences per message. ",
+        )
         + "\n![B7 accuracy and confusion matrices](localization.png)\n"
     )
     tables = {"results.parquet": results}

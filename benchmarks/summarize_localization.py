@@ -1,0 +1,104 @@
+"""Collect plans/localization.yaml's Phase C stages into localization.json (issue 16's table).
+
+Each question's row comes from the localize stage that trained it (one stage per question,
+or one joint stage): the trained model's B7 accuracy on held-out vectors, sentences and
+contexts, with its Wilson interval, beside the base model's zero-shot accuracy and the
+answer-prior baseline on the same trials.
+Usage: python benchmarks/summarize_localization.py RUN_DIR --out OUT.json [--markdown OUT.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# localization.json's name for each B7 question
+NAMES = {"layers": "layers", "strength": "strength", "sentence": "sentence", "concept": "concepts"}
+
+
+def stage_metrics(run_dir: Path) -> dict[str, dict]:
+    """``{stage: metrics}`` of every finished localize stage under ``run_dir``."""
+    plan = json.loads((run_dir / "plan.json").read_text())
+    out = {}
+    for name, stage in plan["stages"].items():
+        if stage.get("kind") != "localize":
+            continue
+        found = sorted((run_dir / name).glob("*/metrics.json"))
+        if found:
+            out[name] = json.loads(found[-1].read_text())
+    return out
+
+
+def row(after: dict, before: dict | None, stage: str, training: dict) -> dict:
+    acc = after["accuracy"]
+    out = {
+        "accuracy": acc["rate"],
+        "ci": acc["ci"],
+        "chance": after["chance"],
+        "n": acc["n"],
+        "n_options": after["n_options"],
+        "base_accuracy": before["accuracy"]["rate"] if before else None,
+        "base_ci": before["accuracy"]["ci"] if before else None,
+        "prior_accuracy": after["prior_accuracy"]["rate"],
+        "excluded_low_mass": after["excluded"],
+        "mean_answer_mass": after["mean_answer_mass"],
+        "stage": stage,
+        "steps": training["steps"],
+        "train_seconds": training["seconds"],
+        "best_val_accuracy": training["best_val_accuracy"],
+    }
+    for k in ("mutual_information_bits", "mutual_information_shuffled_bits", "n_concepts"):
+        if k in after:
+            out[k] = after[k]
+    if before and "mutual_information_bits" in before:
+        out["base_mutual_information_bits"] = before["mutual_information_bits"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="the plan's run directory (runs/localization)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--markdown", type=Path, help="also write the README's table")
+    parser.add_argument("--wall-s", type=float, help="the plan's measured wall time")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    goals = {"layers": 0.90, "strength": 0.80, "sentence": 0.85, "concepts": 0.70}
+    result: dict = {"model": "smollm2-135m", "device": args.device, "wall_s": args.wall_s,
+                    "goals": goals, "questions": {}, "runs": {}}  # fmt: skip
+    for stage, m in stage_metrics(args.run_dir).items():
+        asked = list(m["after"])
+        result["runs"][stage] = {"questions": asked, "training": m["training"]}
+        for q in asked:
+            entry = row(m["after"][q], (m.get("before") or {}).get(q), stage, m["training"])
+            key = NAMES[q]
+            # A question asked by several runs (separate and joint): keep the better, list all.
+            result.setdefault("all_runs", {}).setdefault(key, []).append(entry)
+            if entry["accuracy"] > result["questions"].get(key, {}).get("accuracy", -1):
+                result["questions"][key] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        lines = [
+            "| question | options | trained [95% CI] | base zero-shot | prior | chance | goal | n |"
+            " run |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, e in result["questions"].items():
+            lo, hi = e["ci"]
+            base = "n/a" if e["base_accuracy"] is None else f"{e['base_accuracy']:.3f}"
+            extra = ""
+            if "mutual_information_bits" in e:
+                extra = f"; MI {e['mutual_information_bits']:.2f} bits"
+            lines.append(
+                f"| {key} | {e['n_options']} | {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]{extra} "
+                f"| {base} | {e['prior_accuracy']:.3f} | {e['chance']:.3f} | "
+                f"{goals[key]:.2f} | {e['n']} | {e['stage']} |"
+            )
+        args.markdown.write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: round(v["accuracy"], 3) for k, v in result["questions"].items()}))
+
+
+if __name__ == "__main__":
+    main()
