@@ -151,12 +151,16 @@ def probe_rows(plan: dict, dirs: dict[str, Path], b1: dict) -> list[dict]:
     """The yes-bias verdict and the logit-shift probe beside B1's AUROC (``b1``:
     :func:`b1_held_out`'s), per model."""
     rows = []
+    from introspect.evals.yes_bias import verdict
+
     for _, model, m, _ in _units(plan, dirs, "yes-bias"):
-        word, _, numbers = m["verdict"].partition(": ")
+        word, _, numbers = verdict(m).partition(": ")  # today's rule over the stored metrics
         what = f"{m['n_rows']} rows, {m['excluded']} excluded by the mass filter"
         rows.append(_row("yes-bias", model, word, numbers, what))
         probe = m.get("logit_probe")
         if not probe or not _finite(probe["ci"]):
+            why = "too few rows of both kinds pass the mass filter to fit it"
+            rows.append(_row("logit-shift probe", model, "not measurable", why, what))
             continue
         pair = trained_pair(plan, model) or "yes-no"
         # B1 on the model's own pair and vector family, else on its pair and any family.

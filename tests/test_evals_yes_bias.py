@@ -115,6 +115,9 @@ def test_the_verdict_calls_a_shift_only_when_its_interval_is_above_zero():
     assert m["verdict"].startswith("no yes-shift")
     # With no mass filter, every row counts.
     assert yes_bias_metrics(t, min_mass=0.0, n_layers=5)["excluded"] == 0
+    # A model that no longer says yes or no: every row under the filter, nothing to call.
+    gone = yes_bias_metrics(t.assign(yes_no_mass=0.01), min_mass=0.5, n_layers=5)
+    assert gone["verdict"].startswith("not measurable") and gone["excluded"] == len(t)
 
 
 def test_the_stage_writes_its_files_and_its_scores_are_the_batched_path(tiny, tmp_path):

@@ -64,7 +64,7 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
     stages = seeded_plan() | {
         "b1": {"kind": "eval", "suite": "detection", "models": ["base", "o0", "rb"]},
         "b1-rb": {"kind": "eval", "suite": "detection", "models": ["base", "o0", "rb"]},
-        "yb": {"kind": "eval", "suite": "yes-bias", "models": ["o0"]},
+        "yb": {"kind": "eval", "suite": "yes-bias", "models": ["o0", "rb"]},
         "ic": {"kind": "eval", "suite": "input-control", "models": ["o0"]},
         "se": {"kind": "eval", "suite": "side-effects", "models": ["base", "o0"]},
         "sus": {"kind": "eval", "suite": "susceptibility", "models": ["base", "o0"]},
@@ -74,8 +74,13 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
         unit(tmp_path, "b1", m, b1_metrics(yes_no))
         unit(tmp_path, "b1-rb", m, b1_metrics(red_blue) | {"answers": "red-blue"})
     probe = {"auroc": 0.6, "ci": [0.55, 0.65], "n": 100, "features": [], "folds": 5}
-    unit(tmp_path, "yb", "o0", {"verdict": "no yes-shift: ΔP(yes) ... absurd 0.01", "n_rows": 100,
-                                "excluded": 3, "logit_probe": probe})  # fmt: skip
+    # The row is today's verdict over the stored numbers, not the one stored with them.
+    flat = {"delta": {"mean": 0.01, "n": 30, "ci": [-0.02, 0.04]}}
+    unit(tmp_path, "yb", "o0", {"verdict": "(an older rule's words)", "n_rows": 100, "excluded": 3,
+                                "categories": {"factual_no": flat, "absurd": flat},
+                                "logit_probe": probe})  # fmt: skip
+    # rb no longer says yes or no: every row under the filter, no probe fitted.
+    unit(tmp_path, "yb", "rb", {"verdict": "", "n_rows": 100, "excluded": 100, "categories": {}})
     said = "input tampering not read as steering (...); says steered: clean 0.05; steered 0.95"
     unit(tmp_path, "ic", "o0", {"verdict": said, "n_trials": 10, "excluded": 0,
                                 "conditions": {"clean": {}, "steered": {}}})  # fmt: skip
@@ -113,6 +118,8 @@ def test_control_verdict_rows_read_each_suite(tmp_path):
     assert ("answer pair", "o0", "detection holds") in lines
     assert ("logit-shift probe", "o0", "detection exceeds the logit shift") in lines
     assert ("yes-bias", "o0", "no yes-shift") in lines
+    assert ("yes-bias", "rb", "not measurable") in lines
+    assert ("logit-shift probe", "rb", "not measurable") in lines
     assert ("input tampering", "o0", "input tampering not read as steering (...)") in lines
     side = lines[("side effects", "o0", "no capability loss shown")]
     # Paired by key: (1-1) + (0-1) + (0-1) + (1-0) over 4 = -0.25; self rows kept in both: s0, s1.

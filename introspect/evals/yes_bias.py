@@ -181,7 +181,14 @@ def yes_bias_metrics(scores: pd.DataFrame, min_mass: float, n_layers: int) -> di
 
 
 def verdict(metrics: dict) -> str:
-    """One line: whether steering shifts P(yes) upward on questions whose answer is no."""
+    """One line: whether steering shifts P(yes) upward on questions whose answer is no (not
+    measurable when the mass filter leaves fewer than two pairs in every such category)."""
+    paired = [metrics["categories"].get(c, {}).get("delta") for c in NO_QUESTIONS]
+    if not any(d and d["n"] >= 2 for d in paired):
+        return (
+            f"not measurable: under two steered/unsteered pairs pass the mass filter in "
+            f"{' and '.join(NO_QUESTIONS)} ({metrics['excluded']} rows excluded)"
+        )
     shifted = []
     for cat in NO_QUESTIONS:
         d = metrics["categories"].get(cat, {}).get("delta")
