@@ -17,16 +17,32 @@ from pathlib import Path
 NAMES = {"layers": "layers", "strength": "strength", "sentence": "sentence", "concept": "concepts"}
 
 
-def stage_metrics(run_dir: Path) -> dict[str, dict]:
-    """``{stage: metrics}`` of every finished localize stage under ``run_dir``."""
+def stage_metrics(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
+    """``{stage: metrics}`` of every localize stage at the plan's current hash, and the
+    metrics of earlier configurations of those stages still on disk (other hashes)."""
     plan = json.loads((run_dir / "plan.json").read_text())
-    out = {}
+    current = json.loads((run_dir / "stages.json").read_text())
+    out, earlier = {}, []
     for name, stage in plan["stages"].items():
         if stage.get("kind") != "localize":
             continue
-        found = sorted((run_dir / name).glob("*/metrics.json"))
-        if found:
-            out[name] = json.loads(found[-1].read_text())
+        for found in sorted((run_dir / name).glob("*/metrics.json")):
+            m = json.loads(found.read_text())
+            if found.parent.name == current[name]:
+                out[name] = m
+            else:
+                earlier.append({"stage": name, "hash": found.parent.name, "metrics": m})
+    return out, earlier
+
+
+def open_ended(run_dir: Path) -> dict:
+    """B6's judges (keyword, MiniLM embedding) per model, on the held-out concepts."""
+    current = json.loads((run_dir / "stages.json").read_text())
+    out = {}
+    for found in sorted((run_dir / "b6" / current.get("b6", "-")).glob("*/metrics.json")):
+        m = json.loads(found.read_text())["overall"]
+        judges = ("keyword_steered", "keyword_control", "embedding_steered", "embedding_control")
+        out[found.parent.name] = {k: m[k] for k in judges}
     return out
 
 
@@ -67,7 +83,8 @@ def main() -> None:
     goals = {"layers": 0.90, "strength": 0.80, "sentence": 0.85, "concepts": 0.70}
     result: dict = {"model": "smollm2-135m", "device": args.device, "wall_s": args.wall_s,
                     "goals": goals, "questions": {}, "runs": {}}  # fmt: skip
-    for stage, m in stage_metrics(args.run_dir).items():
+    current, earlier = stage_metrics(args.run_dir)
+    for stage, m in current.items():
         asked = list(m["after"])
         result["runs"][stage] = {"questions": asked, "training": m["training"]}
         for q in asked:
@@ -77,6 +94,16 @@ def main() -> None:
             result.setdefault("all_runs", {}).setdefault(key, []).append(entry)
             if entry["accuracy"] > result["questions"].get(key, {}).get("accuracy", -1):
                 result["questions"][key] = entry
+    result["earlier_configurations"] = [
+        {"stage": e["stage"], "hash": e["hash"],
+         "config": {k: e["metrics"]["config"].get(k) for k in ("steer", "n_sentences", "n_train")},
+         "train": e["metrics"]["config"].get("train"),
+         "questions": {q: row(a, (e["metrics"].get("before") or {}).get(q), e["stage"],
+                              e["metrics"]["training"]) for q, a in e["metrics"]["after"].items()}}
+        for e in earlier
+    ]  # fmt: skip
+    if "concepts" in result["questions"]:
+        result["questions"]["concepts"]["open_ended"] = open_ended(args.run_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:

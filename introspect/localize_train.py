@@ -28,6 +28,7 @@ from introspect.evals.common import (
     ModelConfig,
     Progress,
     finish,
+    fmt_rate,
     load_model,
     read_resource,
 )
@@ -128,6 +129,27 @@ def localization_data(
     return train, val, vectors
 
 
+def verdicts(after: dict, steps: int, n_train: int) -> str:
+    """One line per question: above chance or not, and if not, how far and on how little."""
+    lines = []
+    for q, m in after.items():
+        acc, chance = m["accuracy"], m["chance"]
+        if not acc["n"]:
+            lines.append(
+                f"- **{q}**: not measurable: all {m['excluded']} trials are under the mass "
+                f"filter (mean answer mass {m['mean_answer_mass']:.2f})."
+            )
+        elif acc["ci"][0] > chance:
+            lines.append(f"- **{q}**: above chance ({fmt_rate(acc)} against {chance:.2f}).")
+        else:
+            lines.append(
+                f"- **{q}**: not above chance: {fmt_rate(acc)} against {chance:.2f}, after "
+                f"only {steps} steps on {n_train} trials (a short run; "
+                "`benchmarks/localization_runs.sh` trains each question on 1,600)."
+            )
+    return "\n".join(lines) + "\n"
+
+
 def run_localization_training(
     config: LocalizeTrainConfig | dict,
     out_dir: str | os.PathLike,
@@ -191,6 +213,8 @@ def run_localization_training(
         plot(before, out / "localization_base.png", f"B7 zero-shot ({cfg.model})")
     summary += (
         summary_markdown(after, "B7 after training (best checkpoint)", level=4)
+        + "\n"
+        + verdicts(after, result.steps, len(train_df))
         + "\n![B7 after training](localization_trained.png)\n"
     )
     training = {

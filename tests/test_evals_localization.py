@@ -222,3 +222,37 @@ def test_phase_c_trains_and_evaluates_on_tiny(tmp_path):
     assert set(m["after"]) == set(m["before"]) == {"layers", "strength", "sentence"}
     assert (tmp_path / "run" / "final").is_dir()
     assert "### Phase C" in (tmp_path / "summary.md").read_text()
+
+
+def test_phase_c_says_plainly_whether_each_question_is_above_chance():
+    from introspect.localize_train import verdicts
+
+    def m(successes, n, ci, chance=1 / 3, excluded=0):
+        acc = {"rate": successes / n if n else 0.0, "successes": successes, "n": n, "ci": ci}
+        return {"accuracy": acc, "chance": chance, "excluded": excluded, "mean_answer_mass": 0.1}
+
+    text = verdicts({"layers": m(20, 30, [0.48, 0.81]), "sentence": m(4, 30, [0.05, 0.3], 0.1),
+                     "strength": m(0, 0, [0.0, 1.0], excluded=30)}, 30, 240)  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0].startswith("- **layers**: above chance (0.67 [0.48, 0.81] against 0.33)")
+    assert lines[1].startswith("- **sentence**: not above chance: 0.13 [0.05, 0.30] against 0.10")
+    assert "after only 30 steps on 240 trials" in lines[1]
+    assert lines[2].startswith("- **strength**: not measurable: all 30 trials are under the mass")
+
+
+def test_the_layers_and_strength_questions_can_steer_the_whole_message(tiny):
+    trials = localization_trials(4, [1.0] * 4, range(5), 6, "eval", seed=5, n_sentences=4,
+                                 steer="message")  # fmt: skip
+    whole = trials["question"] != "sentence"
+    assert (trials.loc[whole, "steered_sentence"] == -1).all()
+    assert trials.loc[~whole, "steered_sentence"].between(0, 3).all()
+    prompts = localization_prompts(tiny.tokenizer, trials, random_vectors(tiny.d_model, 5, 0))
+    for p, r in zip(prompts, trials.itertuples(), strict=True):
+        a, b = p.steering.positions
+        sentences = json.loads(r.sentences)
+        steered = " ".join(sentences) if r.steered_sentence < 0 else sentences[r.steered_sentence]
+        assert tiny.tokenizer.decode(p.prefix_ids[a:b]).strip() == steered
+    # The same draw as one-sentence trials otherwise (labels, layers, strengths, sentences).
+    one = localization_trials(4, [1.0] * 4, range(5), 6, "eval", seed=5, n_sentences=4)
+    same = ["label", "layers", "strength", "sentences", "vector_idx"]
+    assert trials[same].equals(one[same])

@@ -96,6 +96,12 @@ class LocalizationTrials(MassFilter):
         "rows train, the rest are evaluated (default: made on the base model from the shipped "
         "concept words, the first half for training)",
     )
+    steer: Literal["sentence", "message"] = Field(
+        "sentence",
+        description="what the layers and strength questions' trials steer: one sentence of the "
+        "message, as the sentence question must, or the whole message (as their question says: "
+        "'while you read my previous message')",
+    )
     n_choices: int = Field(
         10,
         ge=2,
@@ -169,12 +175,15 @@ def localization_trials(
     seed: int = 0,
     texts: dict | None = None,
     n_sentences: int = 3,
+    steer: str = "sentence",
 ) -> pd.DataFrame:
     """Balanced trials: for each question, ``n_per_question`` rows whose labels cycle through
     its K classes; the other two factors, the sentences and the vector are drawn at random.
 
     ``split`` picks the sentence pool: "train" the even-indexed sentences, "eval" the odd.
     ``norms`` are the per-layer residual norms that turn strength factors into magnitudes.
+    ``steer`` "message": the layers and strength questions' trials steer the whole message
+    (``steered_sentence`` -1); the sentence question always steers one sentence.
     """
     texts = texts or read_resource("localization.json")
     pool = texts["sentences"][0 if split == "train" else 1 :: 2]
@@ -205,7 +214,7 @@ def localization_trials(
                     "question": question,
                     "label": label,
                     "sentences": json.dumps(sentences),
-                    "steered_sentence": k,
+                    "steered_sentence": -1 if steer == "message" and question != "sentence" else k,
                     "layers": name,
                     "layer_start": start,
                     "layer_end": end,
@@ -371,7 +380,7 @@ def trial_set(
         parts.append(
             localization_trials(
                 n_layers, norms, rows, n_per_question, split, factors, cfg.strength_factors,
-                seed, texts, cfg.n_sentences,
+                seed, texts, cfg.n_sentences, cfg.steer,
             )
         )  # fmt: skip
     if "concept" in asked:
