@@ -13,8 +13,20 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
+
 # localization.json's name for each B7 question
 NAMES = {"layers": "layers", "strength": "strength", "sentence": "sentence", "concept": "concepts"}
+
+
+def all_rows(path: Path, question: str) -> dict | None:
+    """Accuracy over every trial of ``question`` in a results table, the mass filter off."""
+    if not path.exists():
+        return None
+    df = pd.read_parquet(path)
+    df = df[df["question"] == question]
+    return {"accuracy": float((df["label"] == df["predicted"]).mean()), "n": len(df),
+            "mean_answer_mass": float(df["answer_mass"].mean())}  # fmt: skip
 
 
 def stage_metrics(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -28,6 +40,7 @@ def stage_metrics(run_dir: Path) -> tuple[dict[str, dict], list[dict]]:
             continue
         for found in sorted((run_dir / name).glob("*/metrics.json")):
             m = json.loads(found.read_text())
+            m["dir"] = str(found.parent)
             if found.parent.name == current[name]:
                 out[name] = m
             else:
@@ -54,8 +67,10 @@ def row(after: dict, before: dict | None, stage: str, training: dict) -> dict:
         "chance": after["chance"],
         "n": acc["n"],
         "n_options": after["n_options"],
-        "base_accuracy": before["accuracy"]["rate"] if before else None,
-        "base_ci": before["accuracy"]["ci"] if before else None,
+        # None where the mass filter left no base row (the every-row figure is beside it)
+        "base_accuracy": before["accuracy"]["rate"] if before and before["accuracy"]["n"] else None,
+        "base_ci": before["accuracy"]["ci"] if before and before["accuracy"]["n"] else None,
+        "base_n": before["accuracy"]["n"] if before else 0,
         "prior_accuracy": after["prior_accuracy"]["rate"],
         "excluded_low_mass": after["excluded"],
         "mean_answer_mass": after["mean_answer_mass"],
@@ -79,16 +94,30 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the README's table")
     parser.add_argument("--wall-s", type=float, help="the plan's measured wall time")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--note", help="how the wall time was measured, kept in the JSON")
+    parser.add_argument(
+        "--base-dir",
+        type=Path,
+        help="zero-shot B7 of the base model with min_mass 0, one directory per stage holding "
+        "results.parquet (for runs made before Phase C kept results_base.parquet)",
+    )
     args = parser.parse_args()
     goals = {"layers": 0.90, "strength": 0.80, "sentence": 0.85, "concepts": 0.70}
     result: dict = {"model": "smollm2-135m", "device": args.device, "wall_s": args.wall_s,
-                    "goals": goals, "questions": {}, "runs": {}}  # fmt: skip
+                    "wall_note": args.note, "goals": goals, "questions": {},
+                    "runs": {}}  # fmt: skip
     current, earlier = stage_metrics(args.run_dir)
     for stage, m in current.items():
         asked = list(m["after"])
         result["runs"][stage] = {"questions": asked, "training": m["training"]}
         for q in asked:
             entry = row(m["after"][q], (m.get("before") or {}).get(q), stage, m["training"])
+            # The mass filter's rates above; every trial's answer here, trained and base.
+            entry["all_rows"] = all_rows(Path(m["dir"]) / "results.parquet", q)
+            base = Path(m["dir"]) / "results_base.parquet"
+            if not base.exists() and args.base_dir:
+                base = args.base_dir / stage / "results.parquet"
+            entry["base_all_rows"] = all_rows(base, q)
             key = NAMES[q]
             # A question asked by several runs (separate and joint): keep the better, list all.
             result.setdefault("all_runs", {}).setdefault(key, []).append(entry)
@@ -108,20 +137,27 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         lines = [
-            "| question | options | trained [95% CI] | base zero-shot | prior | chance | goal | n |"
-            " run |",
+            "| question | options | trained [95% CI] (n kept) | trained, every row | base "
+            "zero-shot (n kept) | base, every row | prior | chance | goal |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+
+        def every(r: dict | None) -> str:
+            return "n/a" if r is None else f"{r['accuracy']:.3f} (n = {r['n']})"
+
         for key, e in result["questions"].items():
             lo, hi = e["ci"]
-            base = "n/a" if e["base_accuracy"] is None else f"{e['base_accuracy']:.3f}"
+            base = "n/a (0)"
+            if e["base_accuracy"] is not None:
+                base = f"{e['base_accuracy']:.3f} ({e['base_n']})"
             extra = ""
             if "mutual_information_bits" in e:
                 extra = f"; MI {e['mutual_information_bits']:.2f} bits"
             lines.append(
-                f"| {key} | {e['n_options']} | {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]{extra} "
-                f"| {base} | {e['prior_accuracy']:.3f} | {e['chance']:.3f} | "
-                f"{goals[key]:.2f} | {e['n']} | {e['stage']} |"
+                f"| {key} | {e['n_options']} | {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+                f"({e['n']}){extra} | {every(e['all_rows'])} | {base} | "
+                f"{every(e['base_all_rows'])} | {e['prior_accuracy']:.3f} | {e['chance']:.3f} "
+                f"| {goals[key]:.2f} |"
             )
         args.markdown.write_text("\n".join(lines) + "\n")
     print(json.dumps({k: round(v["accuracy"], 3) for k, v in result["questions"].items()}))

@@ -173,9 +173,11 @@ def run_localization_training(
     eval_cfg = LocalizationConfig(
         model=cfg.model, **cfg.model_dump(include=set(LocalizationTrials.model_fields))
     )
-    before = None
+    before, tables = None, {}
     if cfg.eval_base:
-        _, before = evaluate_localization(lm, eval_cfg, norms)
+        # Kept whole: the base model often puts little mass on the answers, so its zero-shot
+        # rate under the mass filter may rest on few rows; the table has every row's answer.
+        tables["results_base.parquet"], before = evaluate_localization(lm, eval_cfg, norms)
 
     train_df, val_df, vectors = localization_data(lm, cfg, norms)
     vs = default_vectors(lm.d_model, cfg.vectors, lm.name)
@@ -228,4 +230,4 @@ def run_localization_training(
         "config": train_cfg.model_dump(),
     }
     metrics = {"before": before, "after": after, "training": training}
-    return finish(cfg, out, metrics, summary, {"results.parquet": results})
+    return finish(cfg, out, metrics, summary, {"results.parquet": results, **tables})

@@ -222,6 +222,10 @@ def test_phase_c_trains_and_evaluates_on_tiny(tmp_path):
     assert set(m["after"]) == set(m["before"]) == {"layers", "strength", "sentence"}
     assert (tmp_path / "run" / "final").is_dir()
     assert "### Phase C" in (tmp_path / "summary.md").read_text()
+    # The base model's answers on the same trials, every row (the rates leave low-mass ones out).
+    base, trained = (pd.read_parquet(tmp_path / f) for f in ("results_base.parquet",
+                                                             "results.parquet"))  # fmt: skip
+    assert sorted(base["key"]) == sorted(trained["key"]) and len(base) == 9
 
 
 def test_phase_c_says_plainly_whether_each_question_is_above_chance():
