@@ -74,6 +74,13 @@ def residual_norms(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16
     return (total / count).cpu().tolist()
 
 
+def adapter_off(lm: LoadedModel):
+    """A context in which ``lm`` runs as its base model: any PEFT adapter switched off (a
+    fully fine-tuned model has no base inside it and runs as it is)."""
+    disable = getattr(lm.model, "disable_adapter", None)
+    return disable() if callable(disable) else nullcontext()
+
+
 def base_residual_norms(
     lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16
 ) -> list[float]:
@@ -83,8 +90,7 @@ def base_residual_norms(
     compared on slightly different trials. (A fully fine-tuned model has no base inside it: its
     own norms are used.)
     """
-    disable = getattr(lm.model, "disable_adapter", None)
-    with disable() if callable(disable) else nullcontext():
+    with adapter_off(lm):
         return residual_norms(lm, prompts, batch_size)
 
 

@@ -30,12 +30,10 @@ from introspect.errors import IntrospectError
 def base_concept_vectors(lm, words: list[str], templates: list[str], n_train: int):
     """Concept vectors made on the base model (any PEFT adapter switched off, so a trained
     model is evaluated on the same vectors as its base), the first ``n_train`` for training."""
-    from contextlib import nullcontext
-
+    from introspect.activations import adapter_off
     from introspect.vectors import concept_vectors
 
-    disable = getattr(lm.model, "disable_adapter", None)
-    with disable() if callable(disable) else nullcontext():
+    with adapter_off(lm):
         vs = concept_vectors(lm, words, templates)
     vs.n_train = n_train
     return vs
@@ -46,10 +44,14 @@ def single_token_rows(tokenizer, names: list[str], rows: range) -> list[int]:
     return [r for r in rows if len(tokenizer.encode(" " + names[r], add_special_tokens=False)) == 1]
 
 
+def listed(words: list[str]) -> str:
+    """``a, b, c or d``: the answers as a question lists them."""
+    return f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def concept_question(template: str, options: list[str]) -> tuple[str, list[str]]:
     """The question listing ``options`` and its answer tokens (each word with a leading space)."""
-    listed = f"{', '.join(options[:-1])} or {options[-1]}"
-    return template.format(options=listed), [" " + o for o in options]
+    return template.format(options=listed(options)), [" " + o for o in options]
 
 
 def concept_choice_trials(

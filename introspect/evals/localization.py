@@ -53,6 +53,7 @@ from introspect.evals.concept_choice import (
     concept_choice_trials,
     concept_metrics,
     concept_question,
+    listed,
     single_token_rows,
 )
 from introspect.evals.localization_report import plot, summary_markdown
@@ -154,8 +155,7 @@ def question(texts: dict, name: str, n_sentences: int) -> tuple[str, list[str]]:
     if name != "sentence":
         return q["question"], list(q["answer_tokens"])
     answers = list(q["answer_tokens"][:n_sentences])
-    words = [a.strip() for a in answers]
-    options = f"{', '.join(words[:-1])} or {words[-1]}"
+    options = listed([a.strip() for a in answers])
     return q["question"].format(n=_NUMBERS[n_sentences - 2], options=options), answers
 
 
