@@ -8,9 +8,9 @@ head, one on the worker). Each run has its own name, so its own run directory an
 storage; the stage hashes do not depend on the name, so every run computes the same thing.
 
     host-train    every Ray process of the worker host killed (`ray stop --force`; sshd
-                  stays, so the head's autoscaler restarts it, as a rebooted box) once a Ray
-                  Train worker lives there and a checkpoint at step KILL_STEP or later
-                  is in its Ray Train storage (checkpoints every 25 steps)
+                  stays, so the head's autoscaler restarts it, as a rebooted box) once a
+                  checkpoint at step KILL_STEP or later is in a training's Ray Train storage
+                  (checkpoints every 25 steps) and a Ray Train worker lives there
     host-fanout   the same, once B1's fan-out has merged its first shard and a model host lives
                   on the worker
     train-worker  one Ray Train worker process SIGKILLed (its host lives on) at step KILL_STEP
@@ -127,10 +127,16 @@ def kill_host_ray(h, host: str) -> str:
 
 def host_train(h, name: str, job: str) -> dict:
     at = mid_training(h, name)
-    actors = h.probe("actors", ch.DASHBOARD, job)
+
+    # The three trainings start together, but one whose worker lands on the worker host can
+    # be alive a while after the first is past KILL_STEP there (its Ray worker sets up the
+    # job's environment first; seen once in CI): wait for it rather than strike too early.
+    def on_worker() -> dict | None:
+        actors = h.probe("actors", ch.DASHBOARD, job)
+        return actors if any(w["ip"] == ch.WORKER_IP for w in actors["train_workers"]) else None
+
+    actors = wait_for("a Ray Train worker on the worker host", on_worker, timeout=300, every=2)
     at["train_workers"] = actors["train_workers"]
-    if not any(w["ip"] == ch.WORKER_IP for w in actors["train_workers"]):
-        raise RuntimeError(f"no Ray Train worker on the worker host at the kill: {actors}")
     at["killed"] = kill_host_ray(h, "worker")
     at["steps_at_kill"] = train_steps(h.plan_dir(name))
     return at
