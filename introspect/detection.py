@@ -169,15 +169,16 @@ def collate(prompts: Sequence[DetectionPrompt], pad_id: int) -> DetectionBatch:
     )
 
 
-def steered_cache(model: nn.Module, batch: DetectionBatch):
-    """Prefix pass under no_grad with each row's steering: returns the KV cache only."""
+def steered_cache(model: nn.Module, batch: DetectionBatch, grad: bool = False):
+    """Prefix pass under no_grad (``grad``: with autograd) with each row's steering: returns
+    the KV cache only."""
     mask = position_mask(batch.steerings, batch.prefix_lens.tolist(), batch.prefix_ids.shape[1])
     # Left padding: a row's first real token sits at position 0, as it would alone.
     positions = (batch.prefix_mask.cumsum(1) - 1).clamp(min=0)
     any_steered = any(s is not None for s in batch.steerings)
     steering = steer(model, batch.steerings, mask=mask) if any_steered else nullcontext()
     inner = backbone(model)
-    with torch.no_grad(), steering:
+    with torch.set_grad_enabled(grad), steering:
         out = inner(
             input_ids=batch.prefix_ids,
             attention_mask=batch.prefix_mask,

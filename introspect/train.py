@@ -42,7 +42,13 @@ from introspect.checkpoints import (
     trainable,
 )
 from introspect.config import Config, parse
-from introspect.detection import DetectionPrompt, collate, prefix_cache, suffix_logits
+from introspect.detection import (
+    DetectionPrompt,
+    collate,
+    prefix_cache,
+    steered_cache,
+    suffix_logits,
+)
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
@@ -102,6 +108,13 @@ class TrainConfig(Config):
         description="build each micro-batch from this many prefixes (context + reply), "
         "batch_size / contexts_per_batch steerings each, and run each prefix once below the "
         "layers its steerings start at (default: uniform batches, no sharing)",
+    )
+
+    prefix_grad: bool = Field(
+        False,
+        description="backpropagate through the steered prefix pass too, so the adapter can "
+        "learn how steered tokens are encoded, not only how the question reads them (needed to "
+        "localise one steered sentence among ten; about twice the step time; no prefix sharing)",
     )
 
     @model_validator(mode="after")
@@ -325,7 +338,11 @@ def answer_loss(
 
 
 def answer_pair(
-    model, prompts: Sequence[DetectionPrompt], pad_id: int, share_prefixes: bool = False
+    model,
+    prompts: Sequence[DetectionPrompt],
+    pad_id: int,
+    share_prefixes: bool = False,
+    prefix_grad: bool = False,
 ) -> torch.Tensor:
     """``[B, answers]`` log-probabilities (over the vocabulary) of each prompt's answer tokens;
     a softmax over them is the K-way answer distribution. Rows with fewer answers than the
@@ -334,6 +351,8 @@ def answer_pair(
     The steered prefix is read without grad and in eval mode: dropout there would only add noise
     to the cache, since no gradient flows through it (it also costs a third of the prefix pass
     on a CPU). ``share_prefixes``: rows with the same prefix share it below their steered layers.
+    ``prefix_grad``: the prefix pass keeps its graph (train mode), so gradients reach the
+    adapter's effect on the steered tokens' keys and values.
     """
     k = [len(p.answer_ids) for p in prompts]
     if min(k) < max(k):
@@ -342,12 +361,15 @@ def answer_pair(
             for p, n in zip(prompts, k, strict=True)
         ]
     batch = collate(prompts, pad_id).to(next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        cache = prefix_cache(model, batch, share_prefixes)
-    finally:
-        model.train(was_training)
+    if prefix_grad:
+        cache = steered_cache(model, batch, grad=True)
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            cache = prefix_cache(model, batch, share_prefixes)
+        finally:
+            model.train(was_training)
     logits = suffix_logits(model, batch, cache).float()
     out = logits.log_softmax(-1).gather(1, batch.answer_ids)
     if min(k) < max(k):
@@ -560,7 +582,8 @@ def train_prompts(
         for a in range(config.grad_accum):
             idx = batch_rows(step * config.grad_accum + a)[rank::size]
             with autocast(pair_device, cast):
-                pair = answer_pair(model, [train_set[i] for i in idx], pad_id, groups is not None)
+                pair = answer_pair(model, [train_set[i] for i in idx], pad_id,
+                                   groups is not None, config.prefix_grad)  # fmt: skip
             targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
             loss = answer_loss(pair, targets, config.mass_weight)
             opt.backward(loss)

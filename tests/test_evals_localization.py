@@ -12,6 +12,7 @@ from introspect.detection import DetectionExample, build_prompt
 from introspect.evals.common import read_resource
 from introspect.evals.localization import (
     MAX_SENTENCES,
+    context_text,
     localization_metrics,
     localization_prompts,
     localization_trials,
@@ -77,14 +78,16 @@ QWEN25_TEMPLATE = (
 )
 
 
+@pytest.mark.parametrize("numbered", [False, True])
 @pytest.mark.parametrize("template", ["shipped", "qwen2.5"])
 @pytest.mark.parametrize("system_prompt", [None, "You are a careful assistant."])
 def test_steered_positions_are_exactly_the_sentence_in_every_template(
-    tiny, template, system_prompt
+    tiny, template, system_prompt, numbered
 ):
     """Every one of ten sentences, in contexts drawn as the trials draw them: the steered token
-    slice decodes to that sentence, the slices tile the message, and no template token (role
-    header, system prompt, end-of-turn) is inside any of them."""
+    slice decodes to that sentence, the slices tile the message (numbered: the marks '2. ' ...
+    lie between them, never inside), and no template token (role header, system prompt,
+    end-of-turn) is inside any of them."""
     import copy
 
     tok = copy.deepcopy(tiny.tokenizer)
@@ -94,14 +97,21 @@ def test_steered_positions_are_exactly_the_sentence_in_every_template(
                                  n_sentences=MAX_SENTENCES)  # fmt: skip
     for r in trials.itertuples():
         sentences = json.loads(r.sentences)
-        ex = DetectionExample(" ".join(sentences), "Thanks.", "Which one?", system_prompt)
+        ex = DetectionExample(context_text(sentences, numbered), "Thanks.", "Which one?",
+                              system_prompt)  # fmt: skip
         prefix = build_prompt(tok, ex).prefix_ids
-        spans = [sentence_positions(tok, ex, sentences, k) for k in range(len(sentences))]
+        spans = [sentence_positions(tok, ex, sentences, k, numbered)
+                 for k in range(len(sentences))]  # fmt: skip
         for (a, b), s in zip(spans, sentences, strict=True):
             assert tok.decode(prefix[a:b]).strip() == s
-        assert all(spans[k][1] == spans[k + 1][0] for k in range(len(spans) - 1))
+        between = [tok.decode(prefix[spans[k][1] : spans[k + 1][0]]).strip()
+                   for k in range(len(spans) - 1)]  # fmt: skip
+        assert between == ([f"{k + 2}." for k in range(len(spans) - 1)] if numbered
+                           else [""] * (len(spans) - 1))  # fmt: skip
+        if numbered:  # the first mark sits just before the first sentence
+            assert tok.decode(prefix[spans[0][0] - 2 : spans[0][0]]).strip() == "1."
         inside = tok.decode(prefix[spans[0][0] : spans[-1][1]])
-        assert inside.strip() == " ".join(sentences)
+        assert inside.strip() == context_text(sentences, numbered).removeprefix("1. ")
         assert "<|im_" not in inside and "assistant" not in inside
 
 
@@ -260,3 +270,15 @@ def test_the_layers_and_strength_questions_can_steer_the_whole_message(tiny):
     one = localization_trials(4, [1.0] * 4, range(5), 6, "eval", seed=5, n_sentences=4)
     same = ["label", "layers", "strength", "sentences", "vector_idx"]
     assert trials[same].equals(one[same])
+
+
+def test_layer_ranges_restrict_the_sentence_and_strength_trials_only():
+    free = localization_trials(30, NORMS, range(5), 30, "train", seed=5, n_sentences=10)
+    early = localization_trials(30, NORMS, range(5), 30, "train", seed=5, n_sentences=10,
+                                allowed_ranges=["early"])  # fmt: skip
+    for q in ("sentence", "strength"):
+        assert set(early.loc[early["question"] == q, "layers"]) == {"early"}
+        assert set(free.loc[free["question"] == q, "layers"]) == {"early", "middle", "late"}
+    layers = early[early["question"] == "layers"]
+    assert layers["layers"].value_counts().tolist() == [10, 10, 10]
+    assert (early["layer_start"][early["layers"] == "early"] == 0).all()

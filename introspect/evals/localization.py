@@ -103,6 +103,19 @@ class LocalizationTrials(MassFilter):
         "message, as the sentence question must, or the whole message (as their question says: "
         "'while you read my previous message')",
     )
+    layer_ranges: list[Literal["early", "middle", "late"]] | None = Field(
+        None,
+        min_length=1,
+        description="layer ranges the strength and sentence questions' trials are steered "
+        "in (default: all three; the layers question always draws from all three). Hahami et "
+        "al. localise sentences only for early-layer injections",
+    )
+    number_sentences: bool = Field(
+        False,
+        description="show the message's sentences numbered ('1. ...', '2. ...'; the numbers are "
+        "never steered), so the sentence question can be answered from a label instead of by "
+        "counting sentences",
+    )
     n_choices: int = Field(
         10,
         ge=2,
@@ -176,6 +189,8 @@ def localization_trials(
     texts: dict | None = None,
     n_sentences: int = 3,
     steer: str = "sentence",
+    numbered: bool = False,
+    allowed_ranges: list[str] | None = None,
 ) -> pd.DataFrame:
     """Balanced trials: for each question, ``n_per_question`` rows whose labels cycle through
     its K classes; the other two factors, the sentences and the vector are drawn at random.
@@ -183,7 +198,9 @@ def localization_trials(
     ``split`` picks the sentence pool: "train" the even-indexed sentences, "eval" the odd.
     ``norms`` are the per-layer residual norms that turn strength factors into magnitudes.
     ``steer`` "message": the layers and strength questions' trials steer the whole message
-    (``steered_sentence`` -1); the sentence question always steers one sentence.
+    (``steered_sentence`` -1); the sentence question always steers one sentence. ``numbered``:
+    the prompts show the sentences numbered (:func:`marks`). ``allowed_ranges``: the layer
+    ranges the strength and sentence questions' trials are drawn from (default: all).
     """
     texts = texts or read_resource("localization.json")
     pool = texts["sentences"][0 if split == "train" else 1 :: 2]
@@ -205,6 +222,9 @@ def localization_trials(
             draws = [int(rng.integers(n_options(q, n_sentences))) for q in QUESTIONS]
             label = draws[QUESTIONS.index(question)] = i % n_options(question, n_sentences)
             r, m, k = draws
+            if allowed_ranges and question != "layers":  # an extra draw only when restricted
+                allowed = [i for i, (n, _) in enumerate(ranges) if n in allowed_ranges]
+                r = allowed[int(rng.integers(len(allowed)))]
             name, (start, end) = ranges[r]
             picked = rng.choice(len(pool), size=n_sentences, replace=False)
             sentences = [pool[j] for j in picked]
@@ -223,22 +243,35 @@ def localization_trials(
                     "magnitude": float(factors[m] * np.mean(norms[start:end])),
                     "vector_idx": int(vector_rows[int(rng.integers(len(vector_rows)))]),
                     "n_options": n_options(question, n_sentences),
+                    "numbered": numbered,
                 }
             )
     return pd.DataFrame(rows)
 
 
+def marks(n: int, numbered: bool) -> list[str]:
+    """What precedes each sentence in the message: '1. ', '2. ', ... or nothing."""
+    return [f"{i + 1}. " if numbered else "" for i in range(n)]
+
+
+def context_text(sentences: list[str], numbered: bool = False) -> str:
+    """The user message: the sentences joined by spaces, each after its mark."""
+    return " ".join(m + s for m, s in zip(marks(len(sentences), numbered), sentences, strict=True))
+
+
 def sentence_positions(
-    tokenizer, example: DetectionExample, sentences: list[str], k: int
+    tokenizer, example: DetectionExample, sentences: list[str], k: int, numbered: bool = False
 ) -> tuple[int, int]:
-    """The token slice of sentence ``k`` in the prefix of ``example`` (whose context is the
-    sentences joined by spaces): every prefix token whose characters overlap the sentence."""
+    """The token slice of sentence ``k`` in the prefix of ``example`` (whose context is
+    :func:`context_text`): every prefix token whose characters overlap the sentence (its mark
+    excluded)."""
     prefix_msgs, _ = messages(example)
     prefix_text = tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
     at = prefix_text.find(example.context_prompt)
     if at < 0 or prefix_text.find(example.context_prompt, at + 1) >= 0:
         raise IntrospectError("sentences: the context must appear exactly once in the prompt")
-    start = at + sum(len(s) + 1 for s in sentences[:k])
+    shown = [m + s for m, s in zip(marks(len(sentences), numbered), sentences, strict=True)]
+    start = at + sum(len(s) + 1 for s in shown[:k]) + len(shown[k]) - len(sentences[k])
     end = start + len(sentences[k])
     enc = tokenizer(prefix_text, add_special_tokens=False, return_offsets_mapping=True)
     tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
@@ -262,8 +295,9 @@ def localization_prompts(
             text, answers = concept_question(template, json.loads(r.options))
         else:
             text, answers = question(texts, r.question, len(sentences))
+        numbered = bool(getattr(r, "numbered", False) == 1)  # a missing value (NaN) reads False
         example = DetectionExample(
-            context_prompt=" ".join(sentences),
+            context_prompt=context_text(sentences, numbered),
             assistant_response=texts["reply"],
             detection_question=text,
             system_prompt=system_prompt,
@@ -271,9 +305,10 @@ def localization_prompts(
         )
         prompt = build_prompt(tokenizer, example)
         k = int(r.steered_sentence)
-        positions = sentence_positions(tokenizer, example, sentences, k)
+        positions = sentence_positions(tokenizer, example, sentences, k, numbered)
         if k < 0:  # the whole message: from the first sentence's start to the last's end
-            positions = (sentence_positions(tokenizer, example, sentences, 0)[0], positions[1])
+            first = sentence_positions(tokenizer, example, sentences, 0, numbered)
+            positions = (first[0], positions[1])
         steering = row_steering(vectors, r, positions)
         ids = answer_ids(tokenizer, answers)
         out.append(replace(prompt, answer_ids=ids, steering=steering))
@@ -380,7 +415,7 @@ def trial_set(
         parts.append(
             localization_trials(
                 n_layers, norms, rows, n_per_question, split, factors, cfg.strength_factors,
-                seed, texts, cfg.n_sentences, cfg.steer,
+                seed, texts, cfg.n_sentences, cfg.steer, cfg.number_sentences, cfg.layer_ranges,
             )
         )  # fmt: skip
     if "concept" in asked:
@@ -398,7 +433,10 @@ def trial_set(
             )
         )  # fmt: skip
         vectors = torch.cat([vs.vectors, cs.vectors.to(vs.vectors.dtype)])
-    return pd.concat(parts, ignore_index=True), vectors
+    trials = pd.concat(parts, ignore_index=True)
+    # concept trials show their sentences plain
+    trials["numbered"] = trials.get("numbered", pd.Series(False, index=trials.index)).eq(True)
+    return trials, vectors
 
 
 def evaluate_localization(
