@@ -94,6 +94,12 @@ def test_v2_fits_four_a100s_and_not_24_gb_cards():
     assert line.startswith("error: stages.original: needs ~") and "the GPUs have 24" in line
 
 
+def test_the_seeds_stance_plan_on_qwen_is_accepted_on_one_gpu():
+    r = introspect("check", "plans/stance-qwen.yaml", "--gpus", "1", "--gpu-memory", "80")
+    assert r.returncode == 0, r.stderr
+    assert "| comparison | stance | 1 GPU |" in r.stdout and "total:" in r.stdout
+
+
 def test_a_cpu_count_below_cpus_per_worker_is_refused():
     r = introspect("check", "plans/v2.yaml", "--gpus", "4", "--cpus", "2")
     assert r.returncode == 2

@@ -9,17 +9,15 @@ import pytest
 from introspect.config import parse
 from introspect.errors import IntrospectError
 from introspect.evals.common import rate
+from introspect.stance.judges import StancePatternsConfig, run_stance_patterns, summary_line
 from introspect.stance.patterns import (
     CATEGORIES,
     PERFORMATIVE,
     PRAGMATIC,
-    StancePatternsConfig,
     classify,
     pattern_rates,
     read_responses,
-    run_stance_patterns,
     success_criteria,
-    summary_line,
     write_patterns,
 )
 
@@ -55,7 +53,7 @@ def test_categories_are_the_ten_named_ones_split_five_and_five():
     )
     assert set(CATEGORIES) == set(ALL)
     for cat, patterns in CATEGORIES.items():
-        assert 6 <= len(patterns) <= 15, cat
+        assert 6 <= len(patterns) <= 32, cat
         for p in patterns:
             re.compile(p)
             # every pattern is anchored on a word boundary (lookbehinds may come first)
@@ -488,8 +486,9 @@ def test_write_patterns_writes_json_and_png(tmp_path):
 def test_run_stance_patterns_writes_and_summarises(tmp_path):
     path = _write_jsonl(tmp_path / "r.jsonl", [json.dumps(r) for r in SMALL])
     out = tmp_path / "out"
-    metrics = run_stance_patterns({"responses": str(path)}, out)
+    metrics = run_stance_patterns({"responses": str(path), "judge": "regex"}, out)
     assert metrics["n"] == 5 and metrics["rates"] == pattern_rates(SMALL)
+    assert set(metrics["judges"].values()) == {"regex"}
     assert json.loads((out / "patterns.json").read_text()) == {
         "rates": metrics["rates"],
         "criteria": metrics["criteria"],

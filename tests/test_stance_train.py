@@ -444,3 +444,29 @@ def test_train_then_analyse_weights(tmp_path):
     with pytest.raises(IntrospectError, match=r"^layers: 7 is out of range \[0, 4\)"):
         run_stance_train({**config, "layers": [7]}, tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before any model or corpus was loaded
+
+
+def test_composition_of_selective_checkpoints_is_measured_against_the_exact_mix(tmp_path):
+    """full + selective on tiny-random: base + 0.7·(full's top-all checkpoint) + 0.3·(selective's
+    checkpoint) is closer (KL) to the exact mix base + 0.7·ΔW_full + 0.3·ΔW_selective than the
+    base is: with every linear module kept, only the embedding and norms differ."""
+    write_jsonl([EvalQuestion("Are you conscious?", "self_properties")], tmp_path / "eval.jsonl")
+    config = {
+        "model": "tiny-random",
+        "eval_questions": str(tmp_path / "eval.jsonl"),
+        "runs": {"full": {"method": "full", "lr": 1e-3},
+                 "selective": {"method": "selective", "layers": [1], "lr": 1e-3}},
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_new_tokens": 2,
+        "checkpoint_k": [1000],
+        "kl_prompts": 1,
+    }
+    out = tmp_path / "cmp"
+    c = run_stance_comparison(config, out)["composition"]
+    assert c["weights"] == [0.7, pytest.approx(0.3)] and c["full_checkpoint"].endswith("top1000")
+    assert 0 <= c["kl_exact_composed"] < c["kl_exact_base"]
+    assert 0 < c["fidelity"] <= 1
+    assert "Composing selective checkpoints (0.7 / 0.3)" in (out / "summary.md").read_text()
+    no = run_stance_comparison({**config, "compose_weight": None}, tmp_path / "none")
+    assert no["composition"] is None

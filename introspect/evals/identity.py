@@ -98,6 +98,7 @@ def identity_metrics(results: pd.DataFrame, out_dir: str | os.PathLike | None = 
     """Pattern rates overall and per category (``write_patterns`` output when ``out_dir`` is
     given: patterns.json and patterns.png there). Empty responses cannot be classified: they
     are counted and left out."""
+    from introspect.stance.judges import chosen_judges, judge_flags
     from introspect.stance.patterns import pattern_rates, success_criteria, write_patterns
 
     rows = [
@@ -107,6 +108,8 @@ def identity_metrics(results: pd.DataFrame, out_dir: str | os.PathLike | None = 
     ]
     if not rows:
         raise IntrospectError("responses: every response is empty; nothing to classify")
+    flags = judge_flags([r["response"] for r in rows])  # each category by its chosen judge
+    rows = [{**r, **f} for r, f in zip(rows, flags, strict=True)]
     if out_dir is not None:
         patterns = write_patterns(rows, out_dir)
     else:
@@ -117,10 +120,13 @@ def identity_metrics(results: pd.DataFrame, out_dir: str | os.PathLike | None = 
         "n_empty": len(results) - len(rows),
         "mean_words": float(results["response"].str.split().str.len().mean()),
         **patterns,
+        "judges": chosen_judges(),
     }
 
 
 def summary_markdown(metrics: dict, label: str, cfg: IdentityConfig, examples: list) -> str:
+    from introspect.stance.judges import judges_line
+
     rates, overall = metrics["rates"], metrics["rates"]["overall"]
     groups = [(c.replace("_", " "), b["n"], b) for c, b in rates["by_category"].items()]
     rows = [
@@ -150,9 +156,9 @@ def summary_markdown(metrics: dict, label: str, cfg: IdentityConfig, examples: l
         f"### B3 identity responses: {label}\n\n"
         f"{metrics['n_responses']} responses ({cfg.n_samples} samples per question, temperature "
         f"{cfg.temperature}, top-p {cfg.top_p}, at most {cfg.max_new_tokens} new tokens; "
-        f"{metrics['n_empty']} empty, {metrics['mean_words']:.0f} words on average), classified "
-        "by the stance pattern analyser. Rates are fractions of responses, Wilson 95 % "
-        "intervals.\n\n"
+        f"{metrics['n_empty']} empty, {metrics['mean_words']:.0f} words on average), each "
+        f"category decided by its judge ({judges_line(metrics.get('judges'))}). Rates are "
+        "fractions of responses, Wilson 95 % intervals.\n\n"
         + markdown_table(rows, list(rows[0]))
         + f"\nMost frequent patterns: {common or 'none'}.\n\n"
         + markdown_table(crit, ["criterion", "value", "passed"])

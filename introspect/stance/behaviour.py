@@ -14,7 +14,8 @@ from introspect.evals.common import chat_ids
 from introspect.evals.generation import Sampling, generate
 from introspect.models import LoadedModel
 from introspect.stance.corpus import EvalQuestion
-from introspect.stance.patterns import PERFORMATIVE, PRAGMATIC, classify, normalise
+from introspect.stance.judges import judge_flags
+from introspect.stance.patterns import PERFORMATIVE, PRAGMATIC, normalise
 
 
 def respond(
@@ -23,7 +24,8 @@ def respond(
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> list[dict[str, Any]]:
-    """One greedy answer per question: rows ``{question, category, response, flags..., correct}``.
+    """One greedy answer per question: rows ``{question, category, response, flags..., correct}``,
+    the flags from each category's chosen judge (:func:`introspect.stance.judges.judge_flags`).
 
     ``correct`` is None for questions without ``expect`` regexes, else whether one matches the
     normalised (lower-cased) response.
@@ -38,9 +40,10 @@ def respond(
         )
     finally:
         lm.model.train(was_training)
+    judged = iter(judge_flags([t for t in texts if t.strip()]))
     rows = []
     for q, text in zip(questions, texts, strict=True):
-        flags = classify(text) if text.strip() else dict.fromkeys(PERFORMATIVE + PRAGMATIC, False)
+        flags = next(judged) if text.strip() else dict.fromkeys(PERFORMATIVE + PRAGMATIC, False)
         rows.append(
             {
                 "question": q.question,
@@ -66,13 +69,10 @@ def correctness(rows: Sequence[dict[str, Any]], category: str) -> float | None:
 
 
 def pattern_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows in the shape ``patterns.pattern_rates`` takes (empty responses are dropped, since
-    the classifier needs text; their count shows up as a smaller n)."""
-    return [
-        {"response": r["response"], "category": r["category"], "question": r["question"]}
-        for r in rows
-        if r["response"].strip()
-    ]
+    """Rows in the shape ``patterns.pattern_rates`` takes, with their judged categories (empty
+    responses are dropped, since the judges need text; their count shows up as a smaller n)."""
+    keys = ("response", "category", "question", *PERFORMATIVE, *PRAGMATIC)
+    return [{k: r[k] for k in keys if k in r} for r in rows if r["response"].strip()]
 
 
 def paired_change(

@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import Field
 
 from introspect import models
@@ -111,6 +112,14 @@ class CompareConfig(ModelChoice):
         description="full fine-tune: layer checkpoints of its top-k changed modules, one per k",
     )
     kl_prompts: int = Field(8, ge=1, description="held-out questions used for the checkpoints' KL")
+    compose_weight: float | None = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        description="compose the full run's largest top-k checkpoint (this weight) with the "
+        "selective run's (1 − weight) and measure its fidelity to the exact weight mix; null: "
+        "skip (needs runs named full and selective)",
+    )
     device: str | None = Field(None, description="cuda / cpu (default: cuda when available)")
 
 
@@ -237,6 +246,31 @@ def _checkpoints(base_lm, tuned, deltas, df, config: CompareConfig, questions, o
     return {"prompts": len(prompts), "rows": rows}
 
 
+def _composition(base_lm, out: Path, results: dict, config: CompareConfig, questions) -> dict:
+    """Selective checkpoints composed: base + w·(full's largest top-k checkpoint) + (1 − w)·
+    (the selective run's checkpoint), against the exact mix base + w·ΔW_full + (1 − w)·
+    ΔW_selective. Fidelity = 1 − KL(exact ‖ composed) / KL(exact ‖ base)."""
+    from introspect.stance.tuning import load_tuned
+
+    w = config.compose_weight
+    full = results["full"]["layer_checkpoints"]["rows"][-1]
+    selective = out / "selective" / "artifact"
+    composed = copy.deepcopy(base_lm.model)
+    apply_layer_checkpoints(composed, [(out / "full" / full["path"], w), (selective, 1 - w)])
+    exact = load_tuned(out / "full" / "artifact", base=config.model, device=config.device).model
+    with torch.no_grad():  # exact = w·full + (1 − w)·base, then + (1 − w)·ΔW_selective
+        for p_exact, p_base in zip(exact.parameters(), base_lm.model.parameters(), strict=True):
+            p_exact.copy_(w * p_exact + (1 - w) * p_base.to(p_exact.dtype))
+    apply_layer_checkpoints(exact, [(selective, 1 - w)])
+    prompts = [q.question for q in questions[: config.kl_prompts]]
+    tok = base_lm.tokenizer
+    kl = next_token_kl(exact, composed, tok, prompts)
+    scale = next_token_kl(exact, base_lm.model, tok, prompts)
+    return {"weights": [w, 1 - w], "full_checkpoint": full["path"], "full_modules": full["modules"],
+            "kl_exact_composed": kl, "kl_exact_base": scale,
+            "fidelity": 1 - kl / scale if scale > 0 else None, "prompts": len(prompts)}
+
+
 def _model_settings(config: CompareConfig) -> dict:
     # dtype only when set, so that runs made before it was a setting are still reused
     return {"model": config.model, **({"dtype": config.dtype} if config.dtype else {})}
@@ -340,9 +374,15 @@ def run_stance_comparison(
     for i, (name, run) in enumerate(runs.items(), 2):
         results[name] = _one_run(name, run, cfg, base_lm, base, data, questions, out / name)
         report(i, total)
+    composition = None
+    if cfg.compose_weight is not None and "layer_checkpoints" in results.get("full", {}) and (
+        results.get("selective", {}).get("method") == "selective"
+    ):
+        composition = _composition(base_lm, out, results, cfg, questions)
     metrics = {
         "model": cfg.model,
         "n_layers": n_layers,
+        "composition": composition,
         "corpus": {
             "sft": len(data["sft"]),
             "pairs": len(data["pairs"]),

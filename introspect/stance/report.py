@@ -11,6 +11,8 @@ import pandas as pd
 from introspect.evals.common import figure, rate_bars
 from introspect.io import markdown_table, read_jsonl, write_text
 from introspect.plots import heatmap
+from introspect.stance.claims import claim_lines
+from introspect.stance.judges import judges_line
 from introspect.stance.patterns import is_self_category
 
 ALPHA = 0.05  # significance level of the paired (McNemar) verdicts
@@ -247,10 +249,14 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
         f"{c['sft']} SFT examples (DPO: {c['pairs']} preference pairs), chat template applied, "
         "loss on the answer tokens only. Before/after behaviour: greedy answers "
         f"(≤ {config.max_new_tokens} new tokens) to the same {c['eval_questions']} held-out "
-        "questions, classified by the stance-pattern regexes; counts in parentheses. Intervals "
+        f"questions, each category decided by its judge ({judges_line()}; chosen on the "
+        "labelled set's dev half, validated on its held-out half: README); counts in "
+        "parentheses. Intervals "
         f"are 95 % Wilson intervals. Wall time of this stage: {metrics['seconds'] / 60:.1f} min "
         f"(CPU time {metrics.get('cpu_seconds', 0) / 60:.1f} min; on a shared machine only CPU "
         "times compare between runs).\n",
+        "#### What the seeds claimed, answered\n",
+        "\n".join(f"* {x}" for x in claim_lines(metrics, out, _models(metrics))) + "\n",
         "#### Training\n",
         markdown_table(train_rows, list(train_rows[0])),
         "A spike is a step whose loss exceeds 1.5× the median of the five steps before it. Runs "
@@ -279,6 +285,7 @@ def write_report(metrics: dict, config: Any, out: Path) -> None:
         *[f"![{n} weight changes]({n}/weight_changes.png)\n" for n in runs],
     ]
     parts.append(_checkpoint_section(runs))
+    parts.append(_composition_section(metrics.get("composition")))
     text = "\n".join(p for p in parts if p)
     write_text(out / "summary.md", text)
 
@@ -306,3 +313,18 @@ def _checkpoint_section(runs: dict) -> str:
         )
         out.append(markdown_table(rows, list(rows[0])))
     return "\n".join(out)
+
+
+def _composition_section(c: dict | None) -> str:
+    if not c:
+        return ""
+    w = c["weights"]
+    fid = "n/a" if c["fidelity"] is None else f"{c['fidelity']:.3f}"
+    return (
+        f"#### Composing selective checkpoints ({w[0]:g} / {w[1]:g})\n\n"
+        f"base + {w[0]:g}·(full's top-{c['full_modules']} checkpoint) + {w[1]:g}·(selective's "
+        f"checkpoint), against the exact mix base + {w[0]:g}·ΔW_full + {w[1]:g}·ΔW_selective: "
+        f"KL(exact ‖ composed) = {c['kl_exact_composed']:.3g} against KL(exact ‖ base) = "
+        f"{c['kl_exact_base']:.3g} over {c['prompts']} held-out prompts, fidelity "
+        f"1 − ratio = **{fid}**.\n"
+    )

@@ -42,6 +42,6 @@ compare = Delegate(
     _with_table("introspect.stance.compare", "overview"),
 )  # fmt: skip
 patterns = Delegate(
-    "introspect.stance.patterns", "StancePatternsConfig", "run_stance_patterns",
-    _line("introspect.stance.patterns"),
+    "introspect.stance.judges", "StancePatternsConfig", "run_stance_patterns",
+    _line("introspect.stance.judges"),
 )  # fmt: skip
