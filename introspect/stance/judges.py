@@ -30,6 +30,7 @@ from pydantic import Field
 
 from introspect.config import Config, parse
 from introspect.errors import IntrospectError
+from introspect.io import read_jsonl
 from introspect.stance.patterns import (
     PERFORMATIVE,
     PRAGMATIC,
@@ -50,7 +51,7 @@ Judge = Callable[[Sequence[str]], np.ndarray]  # answers -> [n, len(CATEGORIES)]
 
 def read_labelled(path: str | Path = LABELLED) -> list[dict]:
     """The labelled answers: ``{id, source, question, response, split, labels: {cat: 0/1}}``."""
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    rows = read_jsonl(path)
     for i, r in enumerate(rows):
         missing = [c for c in CATEGORIES if c not in r.get("labels", {})]
         if missing or r.get("split") not in ("dev", "heldout"):
@@ -64,7 +65,8 @@ def label_matrix(rows: Sequence[dict]) -> np.ndarray:
 
 def regex_judge(answers: Sequence[str]) -> np.ndarray:
     """The pattern lists' verdicts."""
-    return np.array([[classify(a)[c] for c in CATEGORIES] for a in answers], dtype=bool)
+    flags = [classify(a) for a in answers]  # every list once per answer
+    return np.array([[f[c] for c in CATEGORIES] for f in flags], dtype=bool)
 
 
 @cache
