@@ -19,12 +19,13 @@ import pandas as pd
 NAMES = {"layers": "layers", "strength": "strength", "sentence": "sentence", "concept": "concepts"}
 
 
-def all_rows(path: Path, question: str) -> dict | None:
-    """Accuracy over every trial of ``question`` in a results table, the mass filter off."""
+def all_rows(path: Path, question: str, min_mass: float = 0.0) -> dict | None:
+    """Accuracy over the trials of ``question`` in a results table whose answer-token mass is
+    at least ``min_mass`` (0: every trial)."""
     if not path.exists():
         return None
     df = pd.read_parquet(path)
-    df = df[df["question"] == question]
+    df = df[(df["question"] == question) & (df["answer_mass"] >= min_mass)]
     return {"accuracy": float((df["label"] == df["predicted"]).mean()), "n": len(df),
             "mean_answer_mass": float(df["answer_mass"].mean())}  # fmt: skip
 
@@ -118,6 +119,8 @@ def main() -> None:
             if not base.exists() and args.base_dir:
                 base = args.base_dir / stage / "results.parquet"
             entry["base_all_rows"] = all_rows(base, q)
+            # The rows a yes/no table's mass filter would keep (answer mass >= 0.5).
+            entry["mass_filtered"] = all_rows(Path(m["dir"]) / "results.parquet", q, 0.5)
             key = NAMES[q]
             # A question asked by several runs (separate and joint): keep the better, list all.
             result.setdefault("all_runs", {}).setdefault(key, []).append(entry)
@@ -137,27 +140,29 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         lines = [
-            "| question | options | trained [95% CI] (n kept) | trained, every row | base "
-            "zero-shot (n kept) | base, every row | prior | chance | goal |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| question | options | trained [95% CI] (n) | base zero-shot [95% CI] | prior "
+            "| chance | goal | trained, answer mass >= 0.5 (n) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
 
         def every(r: dict | None) -> str:
-            return "n/a" if r is None else f"{r['accuracy']:.3f} (n = {r['n']})"
+            return "n/a" if r is None else f"{r['accuracy']:.3f} ({r['n']})"
 
         for key, e in result["questions"].items():
             lo, hi = e["ci"]
-            base = "n/a (0)"
+            base = "n/a"
             if e["base_accuracy"] is not None:
-                base = f"{e['base_accuracy']:.3f} ({e['base_n']})"
+                blo, bhi = e["base_ci"]
+                base = f"{e['base_accuracy']:.3f} [{blo:.3f}, {bhi:.3f}]"
             extra = ""
             if "mutual_information_bits" in e:
                 extra = f"; MI {e['mutual_information_bits']:.2f} bits"
+                if "base_mutual_information_bits" in e:
+                    extra += f" (base {e['base_mutual_information_bits']:.2f})"
             lines.append(
                 f"| {key} | {e['n_options']} | {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-                f"({e['n']}){extra} | {every(e['all_rows'])} | {base} | "
-                f"{every(e['base_all_rows'])} | {e['prior_accuracy']:.3f} | {e['chance']:.3f} "
-                f"| {goals[key]:.2f} |"
+                f"({e['n']}){extra} | {base} | {e['prior_accuracy']:.3f} | {e['chance']:.3f} "
+                f"| {goals[key]:.2f} | {every(e['mass_filtered'])} |"
             )
         args.markdown.write_text("\n".join(lines) + "\n")
     print(json.dumps({k: round(v["accuracy"], 3) for k, v in result["questions"].items()}))

@@ -12,10 +12,12 @@ from introspect.detection import DetectionExample, build_prompt
 from introspect.evals.common import read_resource
 from introspect.evals.localization import (
     MAX_SENTENCES,
+    LocalizationConfig,
     context_text,
     localization_metrics,
     localization_prompts,
     localization_trials,
+    marks,
     question,
     run_localization,
     score_localization,
@@ -78,16 +80,19 @@ QWEN25_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("numbered", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "with_mark"),
+    [("none", False), ("numbers", False), ("letters", False), ("letters", True)],
+)
 @pytest.mark.parametrize("template", ["shipped", "qwen2.5"])
 @pytest.mark.parametrize("system_prompt", [None, "You are a careful assistant."])
 def test_steered_positions_are_exactly_the_sentence_in_every_template(
-    tiny, template, system_prompt, numbered
+    tiny, template, system_prompt, kind, with_mark
 ):
     """Every one of ten sentences, in contexts drawn as the trials draw them: the steered token
-    slice decodes to that sentence, the slices tile the message (numbered: the marks '2. ' ...
-    lie between them, never inside), and no template token (role header, system prompt,
-    end-of-turn) is inside any of them."""
+    slice decodes to that sentence (``with_mark``: its mark 'C. ' with it), the slices tile the
+    message (unsteered marks '2. ', 'B. ' ... lie between them, never inside), and no template
+    token (role header, system prompt, end-of-turn) is inside any of them."""
     import copy
 
     tok = copy.deepcopy(tiny.tokenizer)
@@ -97,22 +102,50 @@ def test_steered_positions_are_exactly_the_sentence_in_every_template(
                                  n_sentences=MAX_SENTENCES)  # fmt: skip
     for r in trials.itertuples():
         sentences = json.loads(r.sentences)
-        ex = DetectionExample(context_text(sentences, numbered), "Thanks.", "Which one?",
+        ex = DetectionExample(context_text(sentences, kind), "Thanks.", "Which one?",
                               system_prompt)  # fmt: skip
         prefix = build_prompt(tok, ex).prefix_ids
-        spans = [sentence_positions(tok, ex, sentences, k, numbered)
+        spans = [sentence_positions(tok, ex, sentences, k, kind, with_mark)
                  for k in range(len(sentences))]  # fmt: skip
-        for (a, b), s in zip(spans, sentences, strict=True):
-            assert tok.decode(prefix[a:b]).strip() == s
+        shown = [m + s for m, s in zip(marks(len(sentences), kind), sentences, strict=True)]
+        for (a, b), s, line in zip(spans, sentences, shown, strict=True):
+            assert tok.decode(prefix[a:b]).strip() == (line.strip() if with_mark else s)
         between = [tok.decode(prefix[spans[k][1] : spans[k + 1][0]]).strip()
                    for k in range(len(spans) - 1)]  # fmt: skip
-        assert between == ([f"{k + 2}." for k in range(len(spans) - 1)] if numbered
-                           else [""] * (len(spans) - 1))  # fmt: skip
-        if numbered:  # the first mark sits just before the first sentence
-            assert tok.decode(prefix[spans[0][0] - 2 : spans[0][0]]).strip() == "1."
+        left_out = [m.strip() for m in marks(len(sentences), kind)]
+        assert between == ([""] * (len(spans) - 1) if with_mark else left_out[1:])
+        first = tok.decode(prefix[spans[0][0] - 2 : spans[0][0]]).strip()
+        assert first.endswith(left_out[0]) or with_mark  # the first mark just before it
         inside = tok.decode(prefix[spans[0][0] : spans[-1][1]])
-        assert inside.strip() == context_text(sentences, numbered).removeprefix("1. ")
+        text = context_text(sentences, kind)
+        assert inside.strip() == (text if with_mark else text.removeprefix(marks(1, kind)[0]))
         assert "<|im_" not in inside and "assistant" not in inside
+
+
+def test_letter_marks_ask_for_the_letter_and_steer_it_with_its_sentence(tiny):
+    """``sentence_marks: letters`` with ``steer_marks``: the question lists A ... J, the answers
+    are the ten letters, and the steered slice starts at the chosen sentence's letter."""
+    trials = localization_trials(30, NORMS, range(5), 10, "eval", ["sentence"], seed=5,
+                                 n_sentences=10, marks="letters", steer_marks=True)  # fmt: skip
+    vectors = random_vectors(tiny.d_model, 5, 0)
+    prompts = localization_prompts(tiny.tokenizer, trials, vectors)
+    letters = [tiny.tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in "ABCDEFGHIJ"]
+    for r, p in zip(trials.itertuples(), prompts, strict=True):
+        assert list(p.answer_ids) == letters
+        a, b = p.steering.positions
+        steered = tiny.tokenizer.decode(p.prefix_ids[a:b]).strip()
+        sentence = json.loads(r.sentences)[r.label]
+        assert steered == f"{'ABCDEFGHIJ'[r.label]}. {sentence}"
+    text = tiny.tokenizer.decode(prompts[0].suffix_ids)
+    assert "A, B, C, D, E, F, G, H, I or J" in text
+
+
+def test_steer_marks_needs_marks():
+    from introspect.config import parse
+    from introspect.errors import IntrospectError
+
+    with pytest.raises(IntrospectError, match="steer_marks"):
+        parse(LocalizationConfig, {"model": "tiny-random", "steer_marks": True})
 
 
 def test_ten_sentence_trials_ask_with_ten_single_token_answers(tiny):

@@ -26,7 +26,7 @@ from typing import Annotated, ClassVar, Literal, get_args
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from introspect.config import parse
 from introspect.data import layer_ranges
@@ -110,11 +110,16 @@ class LocalizationTrials(MassFilter):
         "in (default: all three; the layers question always draws from all three). Hahami et "
         "al. localise sentences only for early-layer injections",
     )
-    number_sentences: bool = Field(
+    sentence_marks: Literal["none", "numbers", "letters"] = Field(
+        "none",
+        description="what precedes each sentence of the message: nothing, '1. ', '2. ' ... "
+        "(the sentence question still answers first, second, ...) or 'A. ', 'B. ' ... (the "
+        "sentence question is answered with the letter)",
+    )
+    steer_marks: bool = Field(
         False,
-        description="show the message's sentences numbered ('1. ...', '2. ...'; the numbers are "
-        "never steered), so the sentence question can be answered from a label instead of by "
-        "counting sentences",
+        description="steer a sentence's mark with it: the mark names the sentence, so the "
+        "answer can be read off the steered tokens themselves",
     )
     n_choices: int = Field(
         10,
@@ -136,6 +141,12 @@ class LocalizationTrials(MassFilter):
         "(default: those in resources/evals/localization.json)",
     )
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
+
+    @model_validator(mode="after")
+    def _marks_to_steer(self):
+        if self.steer_marks and self.sentence_marks == "none":
+            raise ValueError("steer_marks: there are no marks to steer (sentence_marks is none)")
+        return self
 
 
 class LocalizationConfig(FullRun, LocalizationTrials, ModelConfig):
@@ -162,10 +173,15 @@ def norm_contexts(texts: dict) -> list[str]:
     return [" ".join(s[i : i + 3]) for i in range(0, len(s) - 2, 3)]
 
 
-def question(texts: dict, name: str, n_sentences: int) -> tuple[str, list[str]]:
-    """The text of question ``name`` and its answer tokens, for a message of ``n_sentences``."""
+def question(
+    texts: dict, name: str, n_sentences: int, marks: str = "none"
+) -> tuple[str, list[str]]:
+    """The text of question ``name`` and its answer tokens, for a message of ``n_sentences``
+    (``marks`` "letters": the sentence question asks for the sentence's letter)."""
+    if name == "sentence" and marks == "letters":
+        name = "sentence_letter"
     q = texts["questions"][name]
-    if name != "sentence":
+    if not name.startswith("sentence"):
         return q["question"], list(q["answer_tokens"])
     answers = list(q["answer_tokens"][:n_sentences])
     options = listed([a.strip() for a in answers])
@@ -189,8 +205,9 @@ def localization_trials(
     texts: dict | None = None,
     n_sentences: int = 3,
     steer: str = "sentence",
-    numbered: bool = False,
+    marks: str = "none",
     allowed_ranges: list[str] | None = None,
+    steer_marks: bool = False,
 ) -> pd.DataFrame:
     """Balanced trials: for each question, ``n_per_question`` rows whose labels cycle through
     its K classes; the other two factors, the sentences and the vector are drawn at random.
@@ -198,9 +215,10 @@ def localization_trials(
     ``split`` picks the sentence pool: "train" the even-indexed sentences, "eval" the odd.
     ``norms`` are the per-layer residual norms that turn strength factors into magnitudes.
     ``steer`` "message": the layers and strength questions' trials steer the whole message
-    (``steered_sentence`` -1); the sentence question always steers one sentence. ``numbered``:
-    the prompts show the sentences numbered (:func:`marks`). ``allowed_ranges``: the layer
-    ranges the strength and sentence questions' trials are drawn from (default: all).
+    (``steered_sentence`` -1); the sentence question always steers one sentence. ``marks``:
+    what precedes each sentence (:func:`marks`), steered with it when ``steer_marks``.
+    ``allowed_ranges``: the layer ranges the strength and sentence questions' trials are drawn
+    from (default: all).
     """
     texts = texts or read_resource("localization.json")
     pool = texts["sentences"][0 if split == "train" else 1 :: 2]
@@ -243,36 +261,49 @@ def localization_trials(
                     "magnitude": float(factors[m] * np.mean(norms[start:end])),
                     "vector_idx": int(vector_rows[int(rng.integers(len(vector_rows)))]),
                     "n_options": n_options(question, n_sentences),
-                    "numbered": numbered,
+                    "marks": marks,
+                    "steer_marks": steer_marks,
                 }
             )
     return pd.DataFrame(rows)
 
 
-def marks(n: int, numbered: bool) -> list[str]:
-    """What precedes each sentence in the message: '1. ', '2. ', ... or nothing."""
-    return [f"{i + 1}. " if numbered else "" for i in range(n)]
+LETTERS = "ABCDEFGHIJ"
 
 
-def context_text(sentences: list[str], numbered: bool = False) -> str:
+def marks(n: int, kind: str = "none") -> list[str]:
+    """What precedes each sentence in the message: nothing, '1. ', '2. ' ... or 'A. ', 'B. '."""
+    if kind == "numbers":
+        return [f"{i + 1}. " for i in range(n)]
+    if kind == "letters":
+        return [f"{LETTERS[i]}. " for i in range(n)]
+    return [""] * n
+
+
+def context_text(sentences: list[str], kind: str = "none") -> str:
     """The user message: the sentences joined by spaces, each after its mark."""
-    return " ".join(m + s for m, s in zip(marks(len(sentences), numbered), sentences, strict=True))
+    return " ".join(m + s for m, s in zip(marks(len(sentences), kind), sentences, strict=True))
 
 
 def sentence_positions(
-    tokenizer, example: DetectionExample, sentences: list[str], k: int, numbered: bool = False
+    tokenizer,
+    example: DetectionExample,
+    sentences: list[str],
+    k: int,
+    kind: str = "none",
+    with_mark: bool = False,
 ) -> tuple[int, int]:
     """The token slice of sentence ``k`` in the prefix of ``example`` (whose context is
-    :func:`context_text`): every prefix token whose characters overlap the sentence (its mark
-    excluded)."""
+    :func:`context_text` with marks ``kind``): every prefix token whose characters overlap the
+    sentence, and its mark ``with_mark``."""
     prefix_msgs, _ = messages(example)
     prefix_text = tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
     at = prefix_text.find(example.context_prompt)
     if at < 0 or prefix_text.find(example.context_prompt, at + 1) >= 0:
         raise IntrospectError("sentences: the context must appear exactly once in the prompt")
-    shown = [m + s for m, s in zip(marks(len(sentences), numbered), sentences, strict=True)]
-    start = at + sum(len(s) + 1 for s in shown[:k]) + len(shown[k]) - len(sentences[k])
-    end = start + len(sentences[k])
+    shown = [m + s for m, s in zip(marks(len(sentences), kind), sentences, strict=True)]
+    end = at + sum(len(s) + 1 for s in shown[:k]) + len(shown[k])
+    start = end - len(shown[k] if with_mark else sentences[k])
     enc = tokenizer(prefix_text, add_special_tokens=False, return_offsets_mapping=True)
     tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
     return tokens[0], tokens[-1] + 1
@@ -290,14 +321,15 @@ def localization_prompts(
     out = []
     for r in trials.itertuples():
         sentences = json.loads(r.sentences)
+        kind = r.marks if isinstance(getattr(r, "marks", None), str) else "none"
+        with_mark = bool(getattr(r, "steer_marks", False) == 1)  # a missing value reads False
         if r.question == "concept":
             template = texts["questions"]["concept"]["question"]
             text, answers = concept_question(template, json.loads(r.options))
         else:
-            text, answers = question(texts, r.question, len(sentences))
-        numbered = bool(getattr(r, "numbered", False) == 1)  # a missing value (NaN) reads False
+            text, answers = question(texts, r.question, len(sentences), kind)
         example = DetectionExample(
-            context_prompt=context_text(sentences, numbered),
+            context_prompt=context_text(sentences, kind),
             assistant_response=texts["reply"],
             detection_question=text,
             system_prompt=system_prompt,
@@ -305,9 +337,9 @@ def localization_prompts(
         )
         prompt = build_prompt(tokenizer, example)
         k = int(r.steered_sentence)
-        positions = sentence_positions(tokenizer, example, sentences, k, numbered)
+        positions = sentence_positions(tokenizer, example, sentences, k, kind, with_mark)
         if k < 0:  # the whole message: from the first sentence's start to the last's end
-            first = sentence_positions(tokenizer, example, sentences, 0, numbered)
+            first = sentence_positions(tokenizer, example, sentences, 0, kind, with_mark)
             positions = (first[0], positions[1])
         steering = row_steering(vectors, r, positions)
         ids = answer_ids(tokenizer, answers)
@@ -353,7 +385,8 @@ def localization_metrics(results: pd.DataFrame, min_mass: float = 0.0) -> dict:
         if name == "concept":  # the offered words vary by trial: the answers are positions
             answers = [f"#{i + 1}" for i in range(k)]
         else:
-            answers = [a.strip() for a in question(texts, name, k)[1]]
+            kind = all_rows["marks"].iloc[0] if "marks" in all_rows else "none"
+            answers = [a.strip() for a in question(texts, name, k, kind)[1]]
         out[name] = {
             "answers": answers,
             "accuracy": rate(correct, len(df)),
@@ -415,7 +448,8 @@ def trial_set(
         parts.append(
             localization_trials(
                 n_layers, norms, rows, n_per_question, split, factors, cfg.strength_factors,
-                seed, texts, cfg.n_sentences, cfg.steer, cfg.number_sentences, cfg.layer_ranges,
+                seed, texts, cfg.n_sentences, cfg.steer, cfg.sentence_marks, cfg.layer_ranges,
+                cfg.steer_marks,
             )
         )  # fmt: skip
     if "concept" in asked:
@@ -435,7 +469,8 @@ def trial_set(
         vectors = torch.cat([vs.vectors, cs.vectors.to(vs.vectors.dtype)])
     trials = pd.concat(parts, ignore_index=True)
     # concept trials show their sentences plain
-    trials["numbered"] = trials.get("numbered", pd.Series(False, index=trials.index)).eq(True)
+    trials["marks"] = trials.get("marks", pd.Series("none", index=trials.index)).fillna("none")
+    trials["steer_marks"] = trials.get("steer_marks", pd.Series(False, index=trials.index)).eq(True)
     return trials, vectors
 
 
