@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from introspect.activations import base_residual_norms
-from introspect.detection import DetectionExample, collate, position_mask
+from introspect.detection import DetectionExample, collate, position_mask, steered_cache
 from introspect.evals.common import read_resource
 from introspect.evals.localization import (
     context_text,
@@ -35,9 +35,8 @@ from introspect.evals.localization import (
     norm_contexts,
     sentence_positions,
 )
-from introspect.models import backbone, decoder_layers
+from introspect.models import decoder_layers
 from introspect.runs import load_evaluated
-from introspect.steering import steer
 
 
 @torch.no_grad()
@@ -55,12 +54,11 @@ def token_states(lm, trials, vectors, texts, layers: list[int]):
         def grab(_module, _inputs, output, grabbed=grabbed):
             grabbed.append(output[0] if isinstance(output, tuple) else output)
 
+        # registered before the steering's hooks: each layer's output as it was before the
+        # injection is added at that layer
         hooks = [blocks[i].register_forward_hook(grab) for i in layers]
-        positions = (batch.prefix_mask.cumsum(1) - 1).clamp(min=0)
         try:
-            with steer(lm.model, batch.steerings, mask=mask):
-                backbone(lm.model)(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask,
-                                   position_ids=positions)  # fmt: skip
+            steered_cache(lm.model, batch)
         finally:
             for h in hooks:
                 h.remove()
@@ -105,8 +103,9 @@ def main() -> None:
             )
 
         train, _ = token_states(lm, trials("train", args.n_train, 0), vs.vectors, texts, layers)
-        held, spans = token_states(lm, trials("eval", args.n_eval, 1), vs.vectors, texts, layers)
-        labels = trials("eval", args.n_eval, 1)["label"].to_numpy()
+        evaluated = trials("eval", args.n_eval, 1)
+        held, spans = token_states(lm, evaluated, vs.vectors, texts, layers)
+        labels = evaluated["label"].to_numpy()
         per_layer = {}
         for layer in layers:
             x = np.concatenate([s[layer] for s, _ in train])

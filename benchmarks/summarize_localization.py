@@ -19,12 +19,16 @@ import pandas as pd
 NAMES = {"layers": "layers", "strength": "strength", "sentence": "sentence", "concept": "concepts"}
 
 
-def all_rows(path: Path, question: str, min_mass: float = 0.0) -> dict | None:
+def read_results(path: Path) -> pd.DataFrame | None:
+    """A stage's results table, or None where it was not written."""
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def all_rows(df: pd.DataFrame | None, question: str, min_mass: float = 0.0) -> dict | None:
     """Accuracy over the trials of ``question`` in a results table whose answer-token mass is
     at least ``min_mass`` (0: every trial)."""
-    if not path.exists():
+    if df is None:
         return None
-    df = pd.read_parquet(path)
     df = df[(df["question"] == question) & (df["answer_mass"] >= min_mass)]
     return {"accuracy": float((df["label"] == df["predicted"]).mean()), "n": len(df),
             "mean_answer_mass": float(df["answer_mass"].mean())}  # fmt: skip
@@ -111,16 +115,18 @@ def main() -> None:
     for stage, m in current.items():
         asked = list(m["after"])
         result["runs"][stage] = {"questions": asked, "training": m["training"]}
+        trained = read_results(Path(m["dir"]) / "results.parquet")
+        base_path = Path(m["dir"]) / "results_base.parquet"
+        if not base_path.exists() and args.base_dir:
+            base_path = args.base_dir / stage / "results.parquet"
+        base = read_results(base_path)
         for q in asked:
             entry = row(m["after"][q], (m.get("before") or {}).get(q), stage, m["training"])
-            # The mass filter's rates above; every trial's answer here, trained and base.
-            entry["all_rows"] = all_rows(Path(m["dir"]) / "results.parquet", q)
-            base = Path(m["dir"]) / "results_base.parquet"
-            if not base.exists() and args.base_dir:
-                base = args.base_dir / stage / "results.parquet"
+            # The rates above use the stage's mass filter; every trial's answer here.
+            entry["all_rows"] = all_rows(trained, q)
             entry["base_all_rows"] = all_rows(base, q)
             # The rows a yes/no table's mass filter would keep (answer mass >= 0.5).
-            entry["mass_filtered"] = all_rows(Path(m["dir"]) / "results.parquet", q, 0.5)
+            entry["mass_filtered"] = all_rows(trained, q, 0.5)
             key = NAMES[q]
             # A question asked by several runs (separate and joint): keep the better, list all.
             result.setdefault("all_runs", {}).setdefault(key, []).append(entry)
