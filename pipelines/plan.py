@@ -456,17 +456,14 @@ def _hashed(stage) -> dict:
     }
 
 
-def _hashed_dtype(plan: Plan, kind: str) -> dict:
-    """The plan's dtype, for a stage other than a training (whose ``resources`` hold it), when
-    it is not what the models would load in anyway: a plan that names none, or names the
-    default of where it runs, keeps the hashes it always had."""
-    from introspect.precision import default_dtype, dtype_name
+def _hashed_dtype(plan: Plan) -> dict:
+    """The dtype the stage's models load in (the plan's, or the default of where it runs), when
+    it is not float32: an fp32 stage keeps the hash it always had, and a run made before a
+    default changed (CPUs with native bf16 went fp32 -> bf16) is not taken for the new one."""
+    from introspect.precision import dtype_name, resolve
 
-    dtype = plan.resources.dtype
-    default = dtype_name(default_dtype("cuda" if plan.resources.use_gpu else "cpu"))
-    if kind in ("train", "sweep") or dtype in (None, default):
-        return {}
-    return {"dtype": dtype}
+    dtype = dtype_name(resolve(plan.resources.dtype, "cuda" if plan.resources.use_gpu else "cpu"))
+    return {} if dtype == "float32" else {"dtype": dtype}
 
 
 def stage_hashes(plan: Plan) -> dict[str, str]:
@@ -478,7 +475,7 @@ def stage_hashes(plan: Plan) -> dict[str, str]:
             "stage": _hashed(stage),
             "model": plan.stage_model(name),
             "resources": plan.resources.model_dump() if stage.kind in ("train", "sweep") else None,
-            **_hashed_dtype(plan, stage.kind),
+            **_hashed_dtype(plan),
             "inputs": {ref: out[ref] for ref in inputs(stage)},
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -1,6 +1,13 @@
 """Shared fixtures: models are loaded once per test session."""
 
+import os
+
 import pytest
+
+# Tests compare code paths at 1e-4, so a CPU model loads in float32 unless a test asks for
+# another dtype, even on a CPU whose default is bf16; set before any Ray starts, so its workers
+# inherit it too.
+os.environ["INTROSPECT_CPU_BF16"] = "0"
 
 from introspect import models
 

@@ -129,6 +129,11 @@ def test_the_default_dtype(monkeypatch):
     assert precision.default_dtype("cpu") == torch.float32
     monkeypatch.setattr(precision, "CPU_BF16_HOLDS", True)
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    monkeypatch.setenv("INTROSPECT_CPU_BF16", "1")
+    assert precision.default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("INTROSPECT_CPU_BF16", "0")  # what the suite runs under
+    assert precision.default_dtype("cpu") == torch.float32
+    monkeypatch.delenv("INTROSPECT_CPU_BF16")
     assert precision.default_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
     assert precision.default_dtype("cpu") == torch.float32

@@ -208,6 +208,7 @@ class Harness:
         # The box image: a ready venv, and no internet (so no hub look-ups).
         (home / ".bashrc").write_text(
             f"export INTROSPECT_VENV={self.venv}\nexport HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1\n"
+            "export INTROSPECT_CPU_BF16=0\n"
         )
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.dir / "host_key")])
         (host.dir / "sshd_config").write_text(
