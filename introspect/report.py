@@ -65,6 +65,8 @@ def detection_table(evals: dict[str, dict]) -> pd.DataFrame:
                     "AUROC [95% CI]": _ci(m, "auroc"),
                     "n s/u": f"{m['n_steered']}/{m['n_unsteered']}",
                     "excluded (low mass)": f"{m.get('excluded', 0)}/{m.get('n_rows', '–')}",
+                    # With min_mass 0 nothing is excluded: how much the answers still weigh.
+                    "mean answer mass": f"{m.get('mean_yes_no_mass', float('nan')):.2f}",
                 }
             )
     return pd.DataFrame(rows)

@@ -93,10 +93,14 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike) -> pd.DataFrame:
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
     )
-    # The driver function itself only waits on its trainer: it takes almost no CPU.
+    # The driver function itself only waits on its trainer, so it holds nothing: an empty head
+    # bundle. Even 0.01 CPU would leave 0.99 of a CPU beside a whole-CPU task on a small box,
+    # and the trial's 1-CPU training worker would wait for that task to end (the quickstart's
+    # sweep sat 7 minutes behind its evaluations). Tune needs one non-empty bundle; a byte of
+    # memory always fits.
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep=sweep, out=str(out), datasets=job_datasets(sweep.job)),
-        {"CPU": 0.01},
+        tune.PlacementGroupFactory([{}, {"memory": 1}]),
     )
     tuner = tune.Tuner(
         trainable,

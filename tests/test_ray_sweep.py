@@ -56,3 +56,49 @@ def test_a_failed_sweep_names_its_trials_error(tmp_path):
     assert "no trial reported a validation loss" in last and "larger than the 24" in last, last
     table = pd.read_csv(tmp_path / "sweep" / "trials.csv")
     assert "larger than the 24" in table["error"].iloc[0] and "\x1b[" not in table["error"].iloc[0]
+
+
+def test_a_trial_trains_beside_a_task_holding_a_whole_cpu(tmp_path):
+    """On 2 CPUs with one held by another task (an evaluation, in a plan), a trial's 1-CPU
+    worker still starts: the trial's own driver must hold no CPU at all, not even a fraction."""
+    import threading
+
+    import ray
+
+    from introspect.train import preset
+    from pipelines.sweep import Sweep, SweepSettings, run_sweep
+    from pipelines.train_job import TrainJob
+
+    config = DataConfig(n=40, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
+    tr, va = split(make_examples(config, 4, VS), 0.2, 0)
+    write_examples(tr, tmp_path / "train.parquet")
+    write_examples(va, tmp_path / "val.parquet")
+    save_vectors(tmp_path / "random.safetensors", VS)
+    job = TrainJob(
+        name="beside", model="tiny-random", train_data=str(tmp_path / "train.parquet"),
+        val_data=str(tmp_path / "val.parquet"), vectors=[str(tmp_path / "random.safetensors")],
+        config=preset("original", max_steps=2, batch_size=4, eval_every=1, warmup_steps=1),
+        storage_path=str(tmp_path / "ray"),
+    )  # fmt: skip
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        holder = Holder.remote()
+        ray.get(holder.ready.remote())
+        done: list = []
+        settings = SweepSettings(lora_r=[2], lr=[1e-3])
+        worker = threading.Thread(
+            target=lambda: done.append(run_sweep(Sweep(job, settings), tmp_path / "sweep")),
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout=300)  # before the fix it waited for the holder forever
+        assert done, "the trial's worker never started beside the 1-CPU holder"
+        assert done[0]["val_loss"].notna().all()
+    finally:
+        ray.shutdown()
