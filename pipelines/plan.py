@@ -456,14 +456,20 @@ def _hashed(stage) -> dict:
     }
 
 
-def _hashed_dtype(plan: Plan) -> dict:
-    """The dtype the stage's models load in (the plan's, or the default of where it runs), when
-    it is not float32: an fp32 stage keeps the hash it always had, and a run made before a
-    default changed (CPUs with native bf16 went fp32 -> bf16) is not taken for the new one."""
-    from introspect.precision import dtype_name, resolve
+def _hashed_dtype(plan: Plan, kind: str) -> dict:
+    """The dtype the stage's models load in (the plan's, or the default of where it runs) when
+    it is not the default that hashes were first made under (bf16 on a GPU, fp32 on a CPU): such
+    a stage keeps the hash it always had, and on a CPU whose default became bf16 a run made
+    under the old fp32 default is not taken for the new one. A training's named dtype is in its
+    (hashed) ``resources`` already."""
+    from introspect.precision import default_dtype, dtype_name
 
-    dtype = dtype_name(resolve(plan.resources.dtype, "cuda" if plan.resources.use_gpu else "cpu"))
-    return {} if dtype == "float32" else {"dtype": dtype}
+    gpu = plan.resources.use_gpu
+    named = plan.resources.dtype
+    dtype = named or dtype_name(default_dtype("cuda" if gpu else "cpu"))
+    if dtype == ("bfloat16" if gpu else "float32") or (kind in ("train", "sweep") and named):
+        return {}
+    return {"dtype": dtype}
 
 
 def stage_hashes(plan: Plan) -> dict[str, str]:
@@ -475,7 +481,7 @@ def stage_hashes(plan: Plan) -> dict[str, str]:
             "stage": _hashed(stage),
             "model": plan.stage_model(name),
             "resources": plan.resources.model_dump() if stage.kind in ("train", "sweep") else None,
-            **_hashed_dtype(plan),
+            **_hashed_dtype(plan, stage.kind),
             "inputs": {ref: out[ref] for ref in inputs(stage)},
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()

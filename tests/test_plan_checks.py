@@ -294,3 +294,23 @@ def test_the_cli_and_a_plan_write_the_same_config_json(tmp_path, capsys):
     assert code == 0, err
     assert (cli / "config.json").read_bytes() == (stage_dir["data"] / "config.json").read_bytes()
     assert re.search(r'"magnitudes": \[\s*8.0,\s*16.0\s*\]', (cli / "config.json").read_text())
+
+
+def test_a_cpu_whose_default_became_bf16_gets_new_hashes(monkeypatch, tmp_path):
+    """Runs made under the old fp32 default are not taken for bf16 ones; naming the dtype the
+    default gives anyway hashes a stage that is no training (nor reads one) as leaving it out
+    does."""
+    from introspect import precision
+
+    fp32 = stage_hashes(load_plan(TINY))
+    monkeypatch.setenv("INTROSPECT_CPU_BF16", "1")
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    bf16 = stage_hashes(load_plan(TINY))
+    assert all(bf16[name] != fp32[name] for name in fp32)
+    plan = yaml.safe_load(TINY.read_text())
+    plan.setdefault("resources", {})["dtype"] = "bfloat16"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan))
+    named = stage_hashes(load_plan(tmp_path / "p.yaml"))
+    assert named["data"] == bf16["data"] and named["random"] == bf16["random"]
+    monkeypatch.setenv("INTROSPECT_CPU_BF16", "0")
+    assert stage_hashes(load_plan(TINY)) == fp32
