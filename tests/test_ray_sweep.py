@@ -16,13 +16,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 VS = VectorSet(random_vectors(64, 20, 0), "tiny-random", "random", 10, name="random")
 
 
-def sweep(tmp_path, n: int, *args: str) -> subprocess.CompletedProcess:
-    """`introspect sweep` on n tiny-random examples written into tmp_path."""
+def write_data(tmp_path, n: int) -> None:
+    """n tiny-random examples (train.parquet, val.parquet) and their vectors into tmp_path."""
     config = DataConfig(n=n, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
     tr, va = split(make_examples(config, 4, VS), 0.2, 0)
     write_examples(tr, tmp_path / "train.parquet")
     write_examples(va, tmp_path / "val.parquet")
     save_vectors(tmp_path / "random.safetensors", VS)
+
+
+def sweep(tmp_path, n: int, *args: str) -> subprocess.CompletedProcess:
+    """`introspect sweep` on n tiny-random examples written into tmp_path."""
+    write_data(tmp_path, n)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", "sweep", "--model", "tiny-random",
@@ -69,11 +74,7 @@ def test_a_trial_trains_beside_a_task_holding_a_whole_cpu(tmp_path):
     from pipelines.sweep import Sweep, SweepSettings, run_sweep
     from pipelines.train_job import TrainJob
 
-    config = DataConfig(n=40, seed=0, magnitudes=[8.0], magnitude_mode="absolute")
-    tr, va = split(make_examples(config, 4, VS), 0.2, 0)
-    write_examples(tr, tmp_path / "train.parquet")
-    write_examples(va, tmp_path / "val.parquet")
-    save_vectors(tmp_path / "random.safetensors", VS)
+    write_data(tmp_path, 40)
     job = TrainJob(
         name="beside", model="tiny-random", train_data=str(tmp_path / "train.parquet"),
         val_data=str(tmp_path / "val.parquet"), vectors=[str(tmp_path / "random.safetensors")],
