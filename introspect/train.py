@@ -50,6 +50,7 @@ from introspect.detection import (
     suffix_logits,
 )
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
+from introspect.dropout import use_bits_dropout
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.io import write_json, write_text
@@ -237,6 +238,8 @@ def prepare_model(lm: LoadedModel, config: TrainConfig) -> torch.nn.Module:
             lm.model = get_peft_model(lm.model, lora)
         except ValueError as e:
             raise IntrospectError(f"target_modules: {e}") from None
+        if next(lm.model.parameters()).device.type == "cpu":
+            use_bits_dropout(lm.model)  # CUDA's dropout is fused; a CPU's draws dominate
     else:
         for p in lm.model.parameters():
             p.requires_grad_(True)
