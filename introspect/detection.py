@@ -17,7 +17,6 @@ with the same prefix can share the prefix pass below their steered layers
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from torch import nn
 from introspect import prefix_share
 from introspect.errors import IntrospectError
 from introspect.models import backbone, cache_kwargs, causal_lm, output_cache, padded
+from introspect.prefix_share import read_only
 from introspect.steering import Steering, position_mask, steer
 
 PREFILL = "The answer is"
@@ -196,28 +196,18 @@ def prefix_cache(model: nn.Module, batch: DetectionBatch, share_prefixes: bool =
     return steered_cache(model, batch)
 
 
-def _read_only_update(layer, key_states, value_states, *args, **kwargs):
-    return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
-
-
-def read_only(cache):
-    """The cache with each layer's ``update`` returning stored + new states without storing.
-
-    Under gradient checkpointing the backward pass replays the suffix through every layer; a
-    cache that grew in the first pass would hand the replay a longer prefix
-    (:mod:`introspect.recompute`). Only the suffix's last position is read, so nothing needs
-    storing anyway.
-    """
-    for layer in cache.layers:
-        layer.update = functools.partial(_read_only_update, layer)
-    return cache
-
-
-def suffix_logits(model: nn.Module, batch: DetectionBatch, cache) -> torch.Tensor:
+def suffix_logits(
+    model: nn.Module, batch: DetectionBatch, cache, share: bool = False
+) -> torch.Tensor:
     """Suffix pass on a (steered) cache: ``[B, vocab]`` logits at each row's last suffix token.
 
-    The cache is made read-only (:func:`read_only`) and can be read again afterwards.
+    The cache is made read-only (:func:`read_only`) and can be read again afterwards. ``share``:
+    rows with the same prefix and suffix run together through their first steered layer
+    (:func:`introspect.prefix_share.shared_suffix_hidden`), where the backbone supports it.
     """
+    if share and prefix_share.suffix_supported(model):
+        hidden = prefix_share.shared_suffix_hidden(model, batch, cache)
+        return causal_lm(model).get_output_embeddings()(hidden)
     positions = batch.prefix_lens[:, None] + torch.arange(
         batch.suffix_ids.shape[1], device=batch.suffix_ids.device
     )
@@ -240,9 +230,10 @@ def detection_logits(
     """The two-pass steer-then-remove forward: ``[B, vocab]`` logits at the answer position.
 
     ``share_prefixes`` computes rows with the same prefix together below their steered layers
-    (:func:`prefix_cache`); the prefix pass is under ``no_grad`` either way.
+    (:func:`prefix_cache`), and rows with the same prefix and suffix together through the first
+    of them (:func:`suffix_logits`); the prefix pass is under ``no_grad`` either way.
     """
-    return suffix_logits(model, batch, prefix_cache(model, batch, share_prefixes))
+    return suffix_logits(model, batch, prefix_cache(model, batch, share_prefixes), share_prefixes)
 
 
 def answer_probabilities(

@@ -1,4 +1,5 @@
-"""The prefix pass shared between rows that read the same prefix.
+"""The prefix pass shared between rows that read the same prefix, and the suffix pass between
+rows that also ask the same question.
 
 Steering adds to the *output* of decoder layers ``[layer_start, layer_end)``, so below its first
 steered layer a row is exactly its unsteered prefix: the hidden state entering ``layer_start`` and
@@ -13,6 +14,13 @@ streams is fixed, so the segment runs as one batched call per layer with the ord
 hooks on. With a single ``layer_start`` this is two segments: shared ``[0, L)``, per-row
 ``[L, n)``.
 
+The suffix (question and prefill, unsteered) reads the cache, and a row's cache is its unsteered
+prefix's up to and including layer ``layer_start``; so a steered row's suffix is its unsteered
+twin's through that layer (:func:`shared_suffix_hidden`: suffix streams, cut at
+``layer_start + 1``). B1 asks each steered trial's question of its unsteered twin too, so this
+runs about a fifth fewer suffix token-layers there. Scoring only: in training, a shared stream
+would share its LoRA dropout masks between rows.
+
 The model's own forward always starts at the embeddings, so the decoder layers are looped over
 here by hand, as ``LlamaModel.forward`` does in transformers 5.24: a causal mask per layer kind
 (``create_causal_mask``, sized on an empty ``DynamicCache``), rotary embeddings from the position
@@ -23,6 +31,7 @@ to the plain :func:`introspect.detection.steered_cache` for any other.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Protocol
@@ -44,6 +53,14 @@ class DetectionBatch(Protocol):
     prefix_mask: torch.Tensor
     prefix_lens: torch.Tensor
     steerings: Sequence[Steering | None]
+
+
+class SuffixBatch(DetectionBatch, Protocol):
+    """A :class:`DetectionBatch` with its suffixes (right-padded)."""
+
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    suffix_lens: torch.Tensor
 
 
 # Backbones whose forward is embed -> per-layer (mask, rotary, cache) loop -> norm, nothing else
@@ -82,6 +99,13 @@ def leave_layers(steerings: list[Steering | None], n_layers: int) -> list[int]:
     return [n_layers if s is None else s.layer_start for s in steerings]
 
 
+def suffix_leave_layers(steerings: list[Steering | None], n_layers: int) -> list[int]:
+    """The layer at which each row's suffix leaves its unsteered twin's (``n_layers``: never):
+    one past ``layer_start``, whose keys/values are still unsteered. A row steered only at the
+    last layer never leaves: that layer's output reaches no key or value."""
+    return [min(n_layers, layer + 1) for layer in leave_layers(steerings, n_layers)]
+
+
 def _layer_kinds(inner: nn.Module) -> list[str]:
     """Each layer's mask kind, picked as the backbone's own forward picks it."""
     config, n = inner.config, len(inner.layers)
@@ -92,17 +116,41 @@ def _layer_kinds(inner: nn.Module) -> list[str]:
     return ["full_attention"] * n
 
 
+def _sources(
+    streams: list[tuple[str, int]],
+    where: dict[tuple[str, int], int],
+    shared: str,
+    parent: list[int],
+    leave: list[int],
+    start: int,
+) -> list[int]:
+    """Each stream's input: its own output of the last segment, or, for a row leaving at
+    ``start``, its parent ``(shared, parent[row])`` stream's."""
+    return [
+        where[(shared, parent[i])] if kind == "row" and leave[i] == start else where[(kind, i)]
+        for kind, i in streams
+    ]
+
+
 def _run_layers(
     inner: nn.Module,
     hidden: torch.Tensor,
     attention: torch.Tensor,
     positions: torch.Tensor,
     layers: range,
+    cache: DynamicCache | None = None,
 ) -> tuple[torch.Tensor, DynamicCache]:
-    """Decoder layers ``layers`` on ``hidden``: the output and a cache holding those layers."""
-    cache = DynamicCache(config=inner.config)
-    # Masks are sized on the cache, so they are made while it is still empty, as in the forward.
+    """Decoder layers ``layers`` on ``hidden``: the output and a cache holding those layers.
+
+    ``cache``: keys/values the tokens follow (layers ``layers`` filled; :func:`_rows_cache`).
+    """
+    past = cache is not None
+    cache = cache if past else DynamicCache(config=inner.config)
+    # Masks are sized on the cache (on its first layer that runs, when it holds a past), so they
+    # are made before the layers add to it, as in the forward.
     kw = dict(inputs_embeds=hidden, attention_mask=attention, cache=cache, position_ids=positions)
+    if past:
+        kw["layer_idx"] = layers.start
     makers = {
         "full_attention": create_causal_mask,
         "sliding_attention": create_sliding_window_causal_mask,
@@ -153,12 +201,7 @@ def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
             alive = sorted({prefix_of[r] for r in rows if leave[r] >= end})
             left = [r for r in rows if leave[r] <= start]
             streams = [("prefix", u) for u in alive] + [("row", r) for r in left]
-            # A row leaving at `start` begins from its prefix's hidden state.
-            source = [
-                where[("prefix", prefix_of[i])] if kind == "row" and leave[i] == start
-                else where[(kind, i)]
-                for kind, i in streams
-            ]  # fmt: skip
+            source = _sources(streams, where, "prefix", prefix_of, leave, start)
             like = [firsts[i] if kind == "prefix" else i for kind, i in streams]  # tokens, mask
             steerings = [batch.steerings[i] if kind == "row" else None for kind, i in streams]
             mask = position_mask(steerings, batch.prefix_lens[like].tolist(), width)
@@ -178,3 +221,87 @@ def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
                 cache.layers[i].batch_select_indices(index)
                 final.layers[i] = cache.layers[i]
     return final
+
+
+def _read_only_update(layer, key_states, value_states, *args, **kwargs):
+    return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+
+def read_only(cache: DynamicCache) -> DynamicCache:
+    """The cache with each layer's ``update`` returning stored + new states without storing.
+
+    Under gradient checkpointing the backward pass replays the suffix through every layer; a
+    cache that grew in the first pass would hand the replay a longer prefix
+    (:mod:`introspect.recompute`). Only the suffix's last position is read, so nothing needs
+    storing anyway.
+    """
+    for layer in cache.layers:
+        layer.update = functools.partial(_read_only_update, layer)
+    return cache
+
+
+def _rows_cache(inner: nn.Module, full: DynamicCache, rows: list[int], layers: range):
+    """A read-only cache whose layers ``layers`` hold rows ``rows`` of ``full``."""
+    cache = DynamicCache(config=inner.config)
+    index = torch.tensor(rows, device=full.layers[layers.start].keys.device)
+    for i in layers:
+        cache.layers[i].update(full.layers[i].keys[index], full.layers[i].values[index])
+    return read_only(cache)
+
+
+def suffix_supported(model: nn.Module) -> bool:
+    """Whether :func:`shared_suffix_hidden` can run ``model``: a shared-prefix backbone whose
+    layers all attend over the whole past (a sliding window's cache keeps other state)."""
+    return supported(model) and set(_layer_kinds(backbone(model))) == {"full_attention"}
+
+
+def shared_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCache) -> torch.Tensor:
+    """``[B, d]``: each row's last suffix token after the final norm, as the plain suffix pass on
+    ``cache`` (the steered prefix cache, one row per batch row) gives it.
+
+    A row's cache is its unsteered prefix's up to and including layer ``layer_start`` (a layer's
+    keys/values come from its input), so its suffix pass is its unsteered twin's through that
+    layer. Rows with the same prefix and suffix run as one stream until their steerings'
+    ``layer_start + 1``, as :func:`shared_cache` does for the prefix.
+    """
+    inner = backbone(model)
+    n_layers = len(inner.layers)
+    _, prefix_of = distinct_prefixes(batch)
+    keys = [
+        (prefix_of[r], n, tuple(ids))
+        for r, (ids, n) in enumerate(
+            zip(batch.suffix_ids.tolist(), batch.suffix_lens.tolist(), strict=True)
+        )
+    ]
+    group_ids: dict[tuple, int] = {}
+    group_of = [group_ids.setdefault(k, len(group_ids)) for k in keys]
+    rows = range(len(keys))
+    firsts = [group_of.index(g) for g in range(len(group_ids))]
+    leave = suffix_leave_layers(batch.steerings, n_layers)
+    width = batch.suffix_ids.shape[1]
+    positions = batch.prefix_lens[:, None] + torch.arange(width, device=batch.suffix_ids.device)
+    attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
+    hidden = inner.embed_tokens(batch.suffix_ids[firsts])
+    where = {("group", g): g for g in range(len(firsts))}
+    for start, end in pairwise(sorted({0, n_layers, *leave})):
+        alive = sorted({group_of[r] for r in rows if leave[r] >= end})
+        left = [r for r in rows if leave[r] <= start]
+        streams = [("group", g) for g in alive] + [("row", r) for r in left]
+        source = _sources(streams, where, "group", group_of, leave, start)
+        # A group reads the cache of a member still in it: below its leave layer, any such
+        # member's cache is the unsteered prefix's.
+        like = [
+            i if kind == "row" else next(r for r in rows if group_of[r] == i and leave[r] >= end)
+            for kind, i in streams
+        ]
+        layers = range(start, end)
+        hidden, _ = _run_layers(
+            inner, hidden[source], attention[like], positions[like], layers,
+            _rows_cache(inner, cache, like, layers),
+        )  # fmt: skip
+        where = {s: j for j, s in enumerate(streams)}
+    read = [
+        where[("row", r)] if leave[r] < n_layers else where[("group", group_of[r])] for r in rows
+    ]
+    last = hidden[torch.tensor(read, device=hidden.device), batch.suffix_lens - 1]
+    return inner.norm(last)

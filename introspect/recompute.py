@@ -6,7 +6,7 @@ cache would write twice when the backward pass replays it. Steer-then-remove nee
 the suffix pass must read the steered prefix, or training learns from unsteered prompts.
 
 So the decoder layers are checkpointed here instead, and the suffix pass reads the prefix cache
-read-only (:func:`introspect.detection.read_only`): a replayed layer sees the same prefix keys
+read-only (:func:`introspect.prefix_share.read_only`): a replayed layer sees the same prefix keys
 and values as the first pass, and nothing is appended twice. The prefix pass runs without
 gradients, so it is never checkpointed and fills the cache once.
 """

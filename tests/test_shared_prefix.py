@@ -16,6 +16,7 @@ from introspect.detection import (
     prefix_cache,
     score_detection,
     steered_cache,
+    suffix_logits,
 )
 from introspect.errors import IntrospectError
 from introspect.models import decoder_layers
@@ -195,7 +196,7 @@ def test_training_gradients_are_the_same_on_the_shared_cache(tiny):
 
 
 def tiny_other(kind: str, tokenizer):
-    """A 4-layer Qwen2 (two sliding-window layers) or Mistral (sliding window) with random
+    """A 4-layer Qwen2 (two sliding-window layers, or none) or Mistral (sliding window) with random
     weights; the window (8) is shorter than every prefix, so the windowed masks and caches count."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -208,13 +209,17 @@ def tiny_other(kind: str, tokenizer):
             config = Qwen2Config(**dims, use_sliding_window=True, sliding_window=8,
                                  max_window_layers=2)  # fmt: skip
             return Qwen2ForCausalLM(config).eval()
+        if kind == "qwen2-full":  # no sliding window: the suffix is shared too
+            return Qwen2ForCausalLM(Qwen2Config(**dims)).eval()
         return MistralForCausalLM(MistralConfig(**dims, sliding_window=8)).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-full", "mistral"])
 def test_qwen2_and_mistral_backbones_share_exactly(tiny, kind):
+    """Qwen2 has biases on q, k, v; a sliding-window backbone keeps the plain suffix pass."""
     model = tiny_other(kind, tiny.tokenizer)
     assert supported(model)
+    assert prefix_share.suffix_supported(model) == (kind == "qwen2-full")
     batch = batch_of(tiny, mixed_rows(4, 64))
     assert_same_cache(shared_cache(model, batch), steered_cache(model, batch))
     with torch.no_grad():
@@ -263,3 +268,66 @@ def test_smollm2_shared_scores_equal_plain_scores(smollm):
     for a, b in zip(answer_probabilities(shared, batch.answer_ids),
                     answer_probabilities(plain, batch.answer_ids), strict=True):  # fmt: skip
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- the shared suffix
+
+
+def suffix_calls(model, batch, share: bool) -> list[int]:
+    """Rows each decoder layer runs in the suffix pass alone (the prefix cache made first)."""
+    n = len(decoder_layers(model))
+    seen = [0] * n
+
+    def count(i):
+        def hook(_module, args, kwargs):
+            seen[i] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+        return hook
+
+    with torch.no_grad():
+        cache = prefix_cache(model, batch)
+        handles = [
+            layer.register_forward_pre_hook(count(i), with_kwargs=True)
+            for i, layer in enumerate(decoder_layers(model))
+        ]
+        try:
+            if share:
+                prefix_share.shared_suffix_hidden(model, batch, cache)
+            else:
+                suffix_logits(model, batch, cache)
+        finally:
+            for h in handles:
+                h.remove()
+    return seen
+
+
+def test_a_suffix_runs_once_through_its_rows_first_steered_layers(tiny):
+    """One prefix and question: unsteered, steered from layer 1, from layer 2, and at the last
+    layer only (which reaches no key or value, so its suffix is the unsteered one throughout)."""
+    n, d = tiny.n_layers, tiny.d_model
+    rows = [DetectionExample("Hi", "Hello!", QUESTIONS[0])]
+    rows += [dataclasses.replace(rows[0], steering=Steering(unit(d, k), k, n, 9.0)) for k in (1, 2)]
+    rows += [dataclasses.replace(rows[0], steering=Steering(unit(d, 3), n - 1, n, 9.0))]
+    batch = batch_of(tiny, rows)
+    # Layers 0-1 read unsteered keys for everyone; layer 2: + the row steered from 1; 3: + 2.
+    assert suffix_calls(tiny.model, batch, share=True) == [1, 1, 2, 3]
+    assert suffix_calls(tiny.model, batch, share=False) == [4, 4, 4, 4]
+    with torch.no_grad():
+        shared = detection_logits(tiny.model, batch, share_prefixes=True)
+        torch.testing.assert_close(shared, detection_logits(tiny.model, batch), atol=1e-4, rtol=0)
+    assert (shared[1] - shared[0]).abs().max() > 1e-2  # the steerings matter
+    torch.testing.assert_close(shared[3], shared[0], atol=1e-5, rtol=0)
+
+
+def test_leaving_the_suffix_a_layer_late_is_caught_and_early_is_only_slower(tiny, monkeypatch):
+    """The test can fail: a row that stays with its twin through the layer after its first
+    steered one reads unsteered keys there, and its answer moves. Leaving earlier is exact."""
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    with torch.no_grad():
+        plain = detection_logits(tiny.model, batch)
+        right = prefix_share.suffix_leave_layers
+        for shift, exact in ((1, False), (-1, True)):
+            monkeypatch.setattr(prefix_share, "suffix_leave_layers", lambda s, n, k=shift: [
+                min(max(x + k, 1), n) for x in right(s, n)])  # fmt: skip
+            gap = (detection_logits(tiny.model, batch, share_prefixes=True) - plain).abs().max()
+            assert (gap < 1e-4) == exact, (shift, float(gap))
