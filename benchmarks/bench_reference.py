@@ -1,9 +1,11 @@
 """Our scoring and training vs a loop shaped like the reference's, side by side in one process.
 
-Ours: ``score_detection`` (batches of 16 grouped by length, per-row steering masks, prefix pass
-through the backbone only, LM head on the answer position only, identical unsteered trials scored
-once) and ``train`` (preset "original": LoRA r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0,
-one micro-batch of 8 per optimizer step).
+Ours: ``score_detection`` (batches of 16 grouped by prefix, per-row steering masks, prefix pass
+through the backbone only, each distinct prefix run once below its rows' steered layers, a steered
+row's suffix run with its unsteered twin's through its first steered layer, LM head on the answer
+position only, identical unsteered trials scored once) and ``train`` (preset "original": LoRA
+r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one micro-batch of 8 per optimizer step; on a CPU
+the LoRA dropout masks come from 16 random bits an element, ``introspect.dropout``).
 
 Reference-shaped (written here from the documented shape, plain torch + transformers on the same
 loaded LlamaForCausalLM): every trial alone (batch 1); forward hooks on decoder layers
@@ -156,6 +158,17 @@ def our_train(lm, train_df, val_df, vs, steps: int, contexts: int | None = None)
         train(lm, train_df, val_df, {vs.name: vs}, config, Path(d) / "run")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -293,7 +306,10 @@ def main() -> None:
         result[work]["default_ratio"] = r
         met[f"{work}_default"] = None if r is None else r >= GOALS[work]["default"]
         at = f"defaults: ours {args.our_default}, reference {REFERENCE_DTYPE}"
-        lines.append(row([f"{work} ({UNIT[work]})", at, ours, ref, r]))
+        # A dtype left out of --dtypes (bf16 on a CPU without native bf16) was not run.
+        cells = [x if d in dtypes else f"not run ({d})" for x, d in
+                 ((ours, args.our_default), (ref, REFERENCE_DTYPE))]  # fmt: skip
+        lines.append(row([f"{work} ({UNIT[work]})", at, *cells, r if r else "-"]))
     ref32 = p_yes.get(("scoring", "float32", "reference"))
     for dt in dtypes:
         ours, ref = p_yes.get(("scoring", dt, "ours")), p_yes.get(("scoring", dt, "reference"))
@@ -306,7 +322,10 @@ def main() -> None:
         "benchmark": "ours vs reference-shaped (batch 1, full LM head, cache deep-copy)",
         "model": args.model,
         "device": str(scorers[dtypes[0]].device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        # Without native bf16 (AVX2 only), bf16 matmuls are emulated and many times slower
+        # than fp32: our default is then fp32, the reference's stays bf16.
+        "cpu_native_bf16": precision.native_bf16_cpu(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
