@@ -87,7 +87,7 @@ def test_a_trial_trains_beside_a_task_holding_a_whole_cpu(tmp_path):
         def ready(self) -> bool:
             return True
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         holder = Holder.remote()
         ray.get(holder.ready.remote())
