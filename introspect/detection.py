@@ -196,18 +196,18 @@ def prefix_cache(model: nn.Module, batch: DetectionBatch, share_prefixes: bool =
     return steered_cache(model, batch)
 
 
-def suffix_logits(
+def suffix_hidden(
     model: nn.Module, batch: DetectionBatch, cache, share: bool = False
 ) -> torch.Tensor:
-    """Suffix pass on a (steered) cache: ``[B, vocab]`` logits at each row's last suffix token.
+    """Suffix pass on a (steered) cache: ``[B, d_model]`` final hidden states at each row's last
+    suffix token, before the LM head.
 
     The cache is made read-only (:func:`read_only`) and can be read again afterwards. ``share``:
     rows with the same prefix and suffix run together through their first steered layer
     (:func:`introspect.prefix_share.shared_suffix_hidden`), where the backbone supports it.
     """
     if share and prefix_share.suffix_supported(model):
-        hidden = prefix_share.shared_suffix_hidden(model, batch, cache)
-        return causal_lm(model).get_output_embeddings()(hidden)
+        return prefix_share.shared_suffix_hidden(model, batch, cache)
     positions = batch.prefix_lens[:, None] + torch.arange(
         batch.suffix_ids.shape[1], device=batch.suffix_ids.device
     )
@@ -220,8 +220,27 @@ def suffix_logits(
         use_cache=True,
         **cache_kwargs(inner, read_only(cache)),
     ).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.suffix_lens - 1]
-    return causal_lm(model).get_output_embeddings()(last)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.suffix_lens - 1]
+
+
+def suffix_logits(
+    model: nn.Module, batch: DetectionBatch, cache, share: bool = False
+) -> torch.Tensor:
+    """``[B, vocab]`` logits at each row's last suffix token (:func:`suffix_hidden`)."""
+    return causal_lm(model).get_output_embeddings()(suffix_hidden(model, batch, cache, share))
+
+
+def head_rows(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, k]`` logits of only the tokens ``token_ids`` (``[B, k]``) from ``[B, d_model]``
+    hidden states: the LM head's rows for them, not its whole vocabulary. Equal to
+    ``head(hidden).gather(1, token_ids)``."""
+    head = causal_lm(model).get_output_embeddings()
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: only calling the head gathers it
+        return head(hidden).gather(1, token_ids)
+    out = torch.einsum("bd,bkd->bk", hidden, head.weight[token_ids].to(hidden.dtype))
+    if getattr(head, "bias", None) is not None:
+        out = out + head.bias[token_ids].to(out.dtype)
+    return out
 
 
 def detection_logits(

@@ -40,3 +40,11 @@ def checkpoint_layers(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         layer.forward = types.MethodType(_checkpointed_forward, layer)
     return model
+
+
+def is_checkpointed(model: nn.Module) -> bool:
+    """Whether :func:`checkpoint_layers` has wrapped ``model``'s decoder layers."""
+    return any(
+        getattr(layer.forward, "__func__", None) is _checkpointed_forward
+        for layer in decoder_layers(model)
+    )

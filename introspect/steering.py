@@ -84,12 +84,15 @@ def steer(
     model: nn.Module,
     steerings: Steering | Sequence[Steering | None],
     mask: torch.Tensor | None = None,
+    token_rows: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Add each row's steering to the decoder-layer outputs of every forward inside the block.
 
     ``steerings`` is one Steering for all rows, or one entry per batch row (``None`` = unsteered).
     ``mask`` (``[B, T]``) limits the addition to chosen positions (see :func:`position_mask`);
-    without it every position of every forward in the block is steered.
+    without it every position of every forward in the block is steered. ``token_rows`` (``[N]``):
+    the rows are packed into one sequence of ``N`` tokens (:mod:`introspect.packed`), token ``t``
+    of row ``token_rows[t]``; ``mask`` is then ``[1, N]``.
     """
     layers = decoder_layers(model)
     d_model = hidden_size(model)
@@ -134,6 +137,8 @@ def steer(
         for i, layer in enumerate(layers):
             if active[i].any():
                 add = (deltas * active[i].to(deltas)[:, None])[:, None, :]
+                if token_rows is not None:  # each packed token gets its row's: [1, N, d]
+                    add = add[token_rows.to(add.device)].transpose(0, 1)
                 handles.append(layer.register_forward_hook(make_hook(add)))
         yield
     finally:

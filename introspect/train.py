@@ -45,16 +45,18 @@ from introspect.config import Config, parse
 from introspect.detection import (
     DetectionPrompt,
     collate,
+    head_rows,
     prefix_cache,
     steered_cache,
-    suffix_logits,
+    suffix_hidden,
 )
 from introspect.distributed import average_gradients, barrier, sum_scalars, world
 from introspect.dropout import use_bits_dropout
 from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.io import write_json, write_text
-from introspect.models import LoadedModel
+from introspect.models import LoadedModel, causal_lm
+from introspect.packed import can_pack, packed_cache, packed_suffix_hidden, use_packed
 from introspect.precision import autocast, dtype_name, train_precision, weights_dtypes
 from introspect.recompute import checkpoint_layers
 from introspect.vectors import VectorSet
@@ -243,6 +245,7 @@ def prepare_model(lm: LoadedModel, config: TrainConfig) -> torch.nn.Module:
     else:
         for p in lm.model.parameters():
             p.requires_grad_(True)
+    use_packed(lm.model)  # batches without their padding (introspect.packed)
     if config.gradient_checkpointing:
         checkpoint_layers(lm.model)  # not transformers' own: it would drop the steered cache
     return lm.model
@@ -346,6 +349,8 @@ def answer_pair(
     pad_id: int,
     share_prefixes: bool = False,
     prefix_grad: bool = False,
+    normalise: bool = True,
+    packed: bool = True,
 ) -> torch.Tensor:
     """``[B, answers]`` log-probabilities (over the vocabulary) of each prompt's answer tokens;
     a softmax over them is the K-way answer distribution. Rows with fewer answers than the
@@ -355,7 +360,11 @@ def answer_pair(
     to the cache, since no gradient flows through it (it also costs a third of the prefix pass
     on a CPU). ``share_prefixes``: rows with the same prefix share it below their steered layers.
     ``prefix_grad``: the prefix pass keeps its graph (train mode), so gradients reach the
-    adapter's effect on the steered tokens' keys and values.
+    adapter's effect on the steered tokens' keys and values. ``normalise=False``: the answer
+    tokens' raw logits instead, through their LM-head rows only; they differ from the
+    log-probabilities by one constant per row, so a softmax over the answers (the 2-way loss,
+    the argmax) is the same without the whole vocabulary. ``packed``: without padding
+    (:mod:`introspect.packed`) where the model allows it and no prefix is shared or has grad.
     """
     k = [len(p.answer_ids) for p in prompts]
     if min(k) < max(k):
@@ -364,17 +373,26 @@ def answer_pair(
             for p, n in zip(prompts, k, strict=True)
         ]
     batch = collate(prompts, pad_id).to(next(model.parameters()).device)
+    pack = packed and not prefix_grad and not share_prefixes and can_pack(model)
     if prefix_grad:
         cache = steered_cache(model, batch, grad=True)
     else:
         was_training = model.training
         model.eval()
         try:
-            cache = prefix_cache(model, batch, share_prefixes)
+            if pack:
+                cache = packed_cache(model, batch)
+            else:
+                cache = prefix_cache(model, batch, share_prefixes)
         finally:
             model.train(was_training)
-    logits = suffix_logits(model, batch, cache).float()
-    out = logits.log_softmax(-1).gather(1, batch.answer_ids)
+    read = packed_suffix_hidden if pack else suffix_hidden
+    hidden = read(model, batch, cache)
+    if normalise:
+        logits = causal_lm(model).get_output_embeddings()(hidden).float()
+        out = logits.log_softmax(-1).gather(1, batch.answer_ids)
+    else:
+        out = head_rows(model, hidden, batch.answer_ids).float()
     if min(k) < max(k):
         n = torch.tensor(k, device=out.device)[:, None]
         out = out.masked_fill(torch.arange(max(k), device=out.device) >= n, float("-inf"))
@@ -411,7 +429,7 @@ def validate(
     for start in range(0, len(rows), batch_size):
         chunk = [prompts[i] for i in rows[start : start + batch_size]]
         with autocast(device, cast):
-            pair = answer_pair(model, chunk, pad_id)
+            pair = answer_pair(model, chunk, pad_id, normalise=mass_weight > 0)
         keep = max(0, min(len(pair), n_real - start))
         pair, t = pair[:keep], targets[start : start + keep].to(pair.device)
         total_loss += float(answer_loss(pair, t, mass_weight, "sum")) if keep else 0.0
@@ -586,7 +604,8 @@ def train_prompts(
             idx = batch_rows(step * config.grad_accum + a)[rank::size]
             with autocast(pair_device, cast):
                 pair = answer_pair(model, [train_set[i] for i in idx], pad_id,
-                                   groups is not None, config.prefix_grad)  # fmt: skip
+                                   groups is not None, config.prefix_grad,
+                                   normalise=config.mass_weight > 0)  # fmt: skip
             targets = label_targets([train_labels[i] for i in idx]).to(pair.device)
             loss = answer_loss(pair, targets, config.mass_weight)
             opt.backward(loss)

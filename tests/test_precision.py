@@ -210,21 +210,23 @@ def fresh_adapter(tmp_path):
     return load_file(str(tmp_path / "untrained" / "adapter_model.safetensors"))
 
 
-def test_the_prefix_pass_runs_without_dropout(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_prefix_pass_runs_without_dropout(monkeypatch, packed):
     lm = fresh32()
     model = prepare_model(lm, quick(lora_dropout=0.5))
     model.train()
     modes = []
-    real = T.prefix_cache
+    for name in ("prefix_cache", "packed_cache"):
+        real = getattr(T, name)
 
-    def spy(m, batch, share):
-        modes.append(m.training)
-        return real(m, batch, share)
+        def spy(m, *args, real=real):
+            modes.append(m.training)
+            return real(m, *args)
 
-    monkeypatch.setattr(T, "prefix_cache", spy)
+        monkeypatch.setattr(T, name, spy)
     prompts = [
         build_prompt(lm.tokenizer, DetectionExample("Hello there.", "Hi!", "Steered?"))
         for _ in range(2)
     ]
-    T.answer_pair(model, prompts, lm.tokenizer.pad_token_id)
+    T.answer_pair(model, prompts, lm.tokenizer.pad_token_id, packed=packed)
     assert modes == [False] and model.training  # eval for the prefix, train again after

@@ -61,5 +61,8 @@ def test_transformers_checkpointing_would_drop_the_steered_cache(tiny):
     prompts = tokenised_prompts(tokenise_examples(lm.tokenizer, df), {"random": vs}, 4, 64)
     lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.model.train()
+    pad = lm.tokenizer.pad_token_id
     with pytest.raises(RuntimeError, match="size of tensor"):
-        answer_pair(lm.model, prompts, lm.tokenizer.pad_token_id).sum().backward()
+        answer_pair(lm.model, prompts, pad, packed=False).sum().backward()
+    with pytest.raises(IndexError, match="out of bounds"):  # packed: no prefix keys to gather
+        answer_pair(lm.model, prompts, pad).sum().backward()

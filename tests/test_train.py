@@ -1,6 +1,7 @@
 """Detection training on tiny-random: the loop, exact resume, the NaN stop, presets."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,12 +9,18 @@ from safetensors.torch import load_file
 
 from introspect import models
 from introspect.data import DataConfig, make_examples, split
+from introspect.detection import head_rows
 from introspect.errors import IntrospectError
+from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.train import (
     PRESETS,
     TrainingDiverged,
+    answer_loss,
+    answer_pair,
+    label_targets,
     latest_checkpoint,
     micro_batch,
+    prepare_model,
     preset,
     train,
 )
@@ -262,3 +269,47 @@ def test_an_interrupted_directory_write_keeps_the_old_directory(tmp_path):
     replace_dir(target, fill("three"), keep_existing=True)  # another writer finished first
     assert (target / "file.txt").read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_answer_rows_alone_give_the_whole_heads_loss_and_gradients(method):
+    """Training's 2-way loss reads the answer tokens' LM-head rows only (``normalise=False``):
+    the same answer distribution, loss and gradients as the log-softmax over the vocabulary,
+    also with a 3-answer row beside 2-answer ones (its batch-mates get a -inf column)."""
+    lm = fresh()
+    df = make_examples(DataConfig(n=8, seed=0, magnitudes=[8.0], magnitude_mode="absolute"), 4, VS)
+    prompts = tokenised_prompts(tokenise_examples(lm.tokenizer, df), {"random": VS}, 4, 64)
+    prompts[1] = replace(prompts[1], answer_ids=(*prompts[1].answer_ids, 7))
+    model = prepare_model(lm, preset("original", method=method, lora_dropout=0.0))
+    model.train()
+    targets = label_targets(df["label"].tolist())
+    runs = {}
+    for normalise in (True, False):
+        model.zero_grad(set_to_none=True)
+        pair = answer_pair(model, prompts, lm.tokenizer.pad_token_id, normalise=normalise)
+        loss = answer_loss(pair, targets)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[normalise] = pair.softmax(-1).detach(), loss.item(), grads
+    (p_full, loss_full, g_full), (p_rows, loss_rows, g_rows) = runs[True], runs[False]
+    assert torch.isinf(p_full.log()[:, 2]).sum() == 7  # every row but the 3-answer one
+    torch.testing.assert_close(p_rows, p_full, atol=1e-6, rtol=1e-5)
+    assert loss_rows == pytest.approx(loss_full, abs=1e-6)
+    assert g_full.keys() == g_rows.keys() and g_full
+    for n in g_full:
+        torch.testing.assert_close(g_rows[n], g_full[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_head_rows_equal_the_whole_head_gathered_with_a_bias():
+    class WithBias(torch.nn.Module):  # a causal LM whose head has a bias, as a few do
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 50, bias=True)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model, hidden = WithBias(), torch.randn(3, 16)
+    ids = torch.tensor([[4, 9], [0, 49], [9, 4]])
+    want = model.head(hidden).gather(1, ids)
+    torch.testing.assert_close(head_rows(model, hidden, ids), want, atol=1e-6, rtol=1e-5)
