@@ -7,7 +7,10 @@ whose host dies (actor died, node lost, result lost) is simply run again on anot
 results are merged by key, so a retried shard can neither duplicate nor drop rows.
 
 A host that died is probed in the background: Ray restarts it (``max_restarts``) and, once it
-answers again, it rejoins the pool. A host that hangs without dying is not detected.
+answers again, it rejoins the pool. A host can also hold a shard without dying or answering: it
+hangs, or Ray is restarting it on a node that keeps failing to come back (its calls wait in its
+queue meanwhile). So once every shard has been handed out, a shard still running well past the
+others (``straggler_s``) is started again on an idle host; the first copy to finish is kept.
 
 With ``cache``, each merged shard is also written there (parquet, named by a digest of the
 function, the adapter, its arguments and the shard's rows), and a later fan-out over the same
@@ -21,6 +24,8 @@ import hashlib
 import logging
 import os
 import pickle
+import statistics
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -67,6 +72,7 @@ def fan_out(
     progress: bool = True,
     max_shard_retries: int = 3,
     revive_timeout_s: float = 120.0,
+    straggler_s: float = 60.0,
     cache: str | os.PathLike | None = None,
     **kwargs,
 ) -> pd.DataFrame:
@@ -78,9 +84,11 @@ def fan_out(
     restarted by Ray comes back with its constructor adapter. ``args``/``kwargs`` are put in the
     object store once and shared by all shards. A shard is tried at most
     ``1 + max_shard_retries`` times; when no host is left alive and none comes back within
-    ``revive_timeout_s`` the fan-out fails. ``cache``: a directory where merged shards are kept
-    and found again (see the module's doc). Counts of shards, retries and shards read from the
-    cache are in ``result.attrs["fan_out"]``.
+    ``revive_timeout_s`` the fan-out fails. Once no shard is left to hand out, a shard running
+    longer than ``straggler_s`` (or three times the median shard, if longer) while a host is idle
+    also runs on that host, once; the first copy to finish is kept. ``cache``: a directory where
+    merged shards are kept and found again (see the module's doc). Counts of shards, retries,
+    backup copies and shards read from the cache are in ``result.attrs["fan_out"]``.
     """
     keys = [key] if isinstance(key, str) else list(key)
     hosts = list(hosts)
@@ -102,24 +110,52 @@ def fan_out(
     }
     todo = deque(i for i in range(len(shards)) if i not in results)
     idle = list(hosts)
-    running: dict = {}  # ref -> (shard, host)
+    running: dict = {}  # ref -> (shard, host, when it was handed out)
     probes: dict = {}  # ref -> host that died and may come back
     failures: Counter = Counter()
+    backed: set[int] = set()  # shards that have had a backup copy
+    took: list[float] = []  # seconds of each finished shard
     stats = {"shards": len(shards), "hosts": len(hosts), "retries": 0, "revived": 0,
-             "cached": len(results)}  # fmt: skip
+             "backups": 0, "cached": len(results)}  # fmt: skip
+
+    def hand_out(i: int, host) -> None:
+        running[submit(i, host)] = (i, host, time.monotonic())
+
+    def copies(i: int) -> int:
+        return sum(j == i for j, _, _ in running.values())
+
+    def straggler_wait() -> float | None:
+        """Seconds until the oldest shard without a backup becomes a straggler; None when a
+        backup cannot help (work is still queued, no host is idle, or every shard has one)."""
+        if todo or not idle:
+            return None
+        limit = max(straggler_s, 3 * statistics.median(took)) if took else straggler_s
+        starts = [t for i, _, t in running.values() if i not in backed]
+        return max(0.0, min(starts) + limit - time.monotonic()) if starts else None
+
     with _progress(progress, len(shards), getattr(fn, "__name__", "fn")) as advance:
         while len(results) < len(shards):
             while todo and idle:
-                i, host = todo.popleft(), idle.pop(0)
-                running[submit(i, host)] = (i, host)
+                hand_out(todo.popleft(), idle.pop(0))
             if not running and not probes:
                 raise IntrospectError(
                     f"hosts: all {len(hosts)} hosts died and cannot restart; "
                     f"{len(todo)} of {len(shards)} shards not done"
                 )
-            wait_s = None if running else revive_timeout_s
+            backup_in = straggler_wait() if running else None
+            if backup_in == 0.0:
+                t, i = min((t, i) for i, _, t in running.values() if i not in backed)
+                late = time.monotonic() - t
+                log.warning("shard %d still running after %.0f s: a backup copy", i, late)
+                backed.add(i)
+                stats["backups"] += 1
+                hand_out(i, idle.pop(0))
+                continue
+            wait_s = backup_in if running else revive_timeout_s
             ready, _ = ray.wait([*running, *probes], num_returns=1, timeout=wait_s)
             if not ready:
+                if running:
+                    continue  # a straggler's time has come
                 raise IntrospectError(
                     f"hosts: all {len(hosts)} hosts died and none came back within "
                     f"{revive_timeout_s:.0f} s; {len(todo)} of {len(shards)} shards not done"
@@ -134,10 +170,14 @@ def fan_out(
                 idle.append(host)
                 stats["revived"] += 1
                 continue
-            i, host = running.pop(ref)
+            i, host, t0 = running.pop(ref)
             try:
                 out = ray.get(ref)
             except HOST_LOST as e:
+                # Ray restarts the host (same model); the probe returns once it answers again.
+                probes[host.info.options(max_task_retries=-1).remote()] = host
+                if i in results or copies(i):
+                    continue  # the other copy finished or may still
                 failures[i] += 1
                 stats["retries"] += 1
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -148,18 +188,19 @@ def fan_out(
                     ) from None
                 log.warning("shard %d lost its host (%s); retrying on another host", i, reason)
                 todo.appendleft(i)
-                # Ray restarts the host (same model); the probe returns once it answers again.
-                probes[host.info.options(max_task_retries=-1).remote()] = host
                 continue
             except RayTaskError as e:
                 # fn itself failed: deterministic, so a retry would fail the same way.
                 if isinstance(e.cause, IntrospectError):
                     raise IntrospectError(str(e.cause)) from None
                 raise
+            idle.append(host)
+            if i in results:
+                continue  # the backup copy's twin finished first
+            took.append(time.monotonic() - t0)
             results[i] = _in_key_order(out, shards[i], keys, i)
             if files[i] is not None:
                 _keep(results[i], files[i])
-            idle.append(host)
             advance(stats["retries"])
 
     merged = pd.concat([results[i] for i in range(len(shards))])

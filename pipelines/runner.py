@@ -142,10 +142,10 @@ def _execute(
             timing["pool_wait_s"] = pool.wait_s
             if pool.asked:  # started on fewer hosts than asked: a node stayed lost
                 timing["pool_hosts_asked"] = pool.asked
-            # Shards whose host was lost and ran again elsewhere; hosts Ray restarted; shards a
-            # retry of the unit read back from an earlier try.
+            # Shards whose host was lost and ran again elsewhere; hosts Ray restarted; backup
+            # copies of straggling shards; shards a retry of the unit read back from an earlier try.
             for k, name in (("retries", "shard_retries"), ("revived", "hosts_revived"),
-                            ("cached", "shards_cached")):
+                            ("backups", "shard_backups"), ("cached", "shards_cached")):
                 timing[name] = sum(f[k] for f in fan_outs)
         timing["retries"] = retries
         if isinstance(metrics, dict) and metrics.get("restarts"):  # Ray Train's own restarts

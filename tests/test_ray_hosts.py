@@ -2,6 +2,7 @@
 
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -40,6 +41,18 @@ def doubled_scores(lm, df, vector_sets):
     """A broken shard function that returns every row twice."""
     out = score_examples(lm, df, vector_sets, batch_size=8)
     return pd.concat([out, out])
+
+
+def held_scores(lm, df, vector_sets, flag_dir):
+    """score_examples, except that the first call given row t000 hangs (a host that neither
+    answers nor dies) until the test releases it."""
+    held = Path(flag_dir, "held")
+    if df.trial.iloc[0] == "t000" and not held.exists():
+        held.touch()
+        deadline = time.monotonic() + 120
+        while not Path(flag_dir, "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return score_examples(lm, df, vector_sets, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +247,18 @@ def test_work_that_cannot_be_digested_is_not_cached(tmp_path, trials):
     assert _shard_files(tmp_path, score_examples, None, (lambda: 0,), {}, shards) == [None] * 2
     named = _shard_files(tmp_path, score_examples, None, (SETS,), {}, shards)
     assert len(set(named)) == 2 and all(f.parent == tmp_path for f in named)
+
+
+def test_a_shard_held_by_a_hung_host_runs_again_on_an_idle_one(pool, tiny, trials, tmp_path):
+    """One host hangs on its first shard; the other does the rest, then a backup copy of the
+    held shard, and the fan-out ends with every row once instead of waiting on the hung host."""
+    try:
+        out = fan_out(pool, held_scores, trials, "trial", 5, SETS, str(tmp_path), adapter=None,
+                      progress=False, straggler_s=2)  # fmt: skip
+    finally:
+        (tmp_path / "release").touch()  # frees the hung host for the tests after this one
+    assert (tmp_path / "held").exists()
+    assert out.attrs["fan_out"]["backups"] == 1 and out.attrs["fan_out"]["retries"] == 0
+    assert list(out.trial) == list(trials.trial) and list(out.index) == list(trials.index)
+    expected = score_examples(tiny, trials, SETS, batch_size=8)
+    assert (out.p_yes - expected.p_yes).abs().max() <= 1e-5

@@ -53,7 +53,7 @@ USER = "root"
 SHARED = "introspect-runs"
 PREFIX = "icl"  # namespace names: icl-<run id>-<host>
 DASHBOARD = "http://127.0.0.1:8265"
-APT_PACKAGES = ["openssh-server", "openssh-client", "rsync", "iproute2", "util-linux"]
+APT_PACKAGES = ["openssh-server", "openssh-client", "rsync", "iproute2", "util-linux", "curl"]
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
@@ -89,10 +89,10 @@ def sh(cmd: list[str], timeout: float = 60, check: bool = True, **kw):
 
 
 def ensure_tools() -> None:
-    """Install OpenSSH, rsync and iproute2 from Debian packages when any is missing."""
+    """Install OpenSSH, rsync, iproute2 and curl from Debian packages when any is missing."""
     if os.geteuid() != 0:
         raise RuntimeError("the cluster harness needs root (namespaces, sshd, mounts)")
-    needed = ["/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync", "ip", "unshare", "nsenter"]
+    needed = ["/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync", "ip", "unshare", "nsenter", "curl"]
     if all(shutil.which(t) or Path(t).exists() for t in needed):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -359,12 +359,26 @@ class Harness:
         cmd = ["ray", "rsync-down", str(self.work / "cluster.yaml"), remote, str(local)]
         return self.on("laptop", cmd, timeout=120)
 
+    def api(self, path: str) -> dict | list | None:
+        """GET `path` of the dashboard's HTTP API through the tunnel, with the token; None on an
+        error. curl, not Ray's CLI: the tests poll all the time, and each `ray` command starts a
+        Python that imports Ray (~2 s of CPU). On 2 cores that also run both boxes, that polling
+        took a core, enough to starve a restarting worker's dashboard agent past the raylet's
+        fixed wait for it (the raylet then aborts: "Timed out waiting for file
+        .../metrics_agent_port_...") until the fault scenarios timed out."""
+        fetch = 'curl -sf -m 20 -H "Authorization: Bearer $(cat ~/.ray/auth_token)" "$0"'
+        r = self.on("laptop", ["sh", "-c", fetch, DASHBOARD + path], timeout=30, check=False)
+        try:
+            return json.loads(r.stdout) if r.returncode == 0 else None
+        except json.JSONDecodeError:
+            return None
+
     def alive(self) -> list[dict]:
-        """The alive Ray nodes (`ray list nodes` on the head, with the token); [] on an error."""
-        r = self.ssh("head", "ray list nodes --format json --filter state=ALIVE", check=False)
-        if r.returncode != 0:
+        """The alive Ray nodes (Ray's state API); [] on an error."""
+        got = self.api("/api/v0/nodes?limit=1000&detail=false")
+        if not got:
             return []
-        return json.loads(r.stdout[r.stdout.find("[") :])
+        return [n for n in got["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
     def alive_nodes(self) -> list[str]:
         """IPs of the alive Ray nodes."""
@@ -433,16 +447,12 @@ class Harness:
         return m.group(0)
 
     def wait_job(self, job_id: str, timeout: float = 600) -> str:
-        """Poll `ray job status` until the job ends; return its final status."""
-        # `ray job status` prints "Status for job 'ID': RUNNING" while it runs, and
-        # "Job 'ID' succeeded" / "failed" / "was stopped" once it has ended.
-        ended = re.compile(rf"Job '{job_id}' (succeeded|failed|was stopped)")
+        """Poll the job API until the job ends; return its final status."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            r = self.job("status", job_id)
-            m = ended.search(r.stdout + r.stderr)
-            if m:
-                return {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(m.group(1), "STOPPED")
+            status = (self.api(f"/api/jobs/{job_id}") or {}).get("status")
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
             time.sleep(2)
         raise RuntimeError(f"job {job_id} still running after {timeout}s")
 
