@@ -144,8 +144,9 @@ def _execute(
                 timing["pool_hosts_asked"] = pool.asked
             # Shards whose host was lost and ran again elsewhere; hosts Ray restarted; backup
             # copies of straggling shards; shards a retry of the unit read back from an earlier try.
-            for k, name in (("retries", "shard_retries"), ("revived", "hosts_revived"),
-                            ("backups", "shard_backups"), ("cached", "shards_cached")):
+            counts = {"retries": "shard_retries", "revived": "hosts_revived",
+                      "backups": "shard_backups", "cached": "shards_cached"}  # fmt: skip
+            for k, name in counts.items():
                 timing[name] = sum(f[k] for f in fan_outs)
         timing["retries"] = retries
         if isinstance(metrics, dict) and metrics.get("restarts"):  # Ray Train's own restarts

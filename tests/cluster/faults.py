@@ -299,9 +299,11 @@ def tries(root: Path) -> dict[str, dict]:
     out = {}
     for t in root.glob("**/timing.json"):
         timing = json.loads(t.read_text())
-        n = {k: timing[k] for k in ("retries", "restarts", "shard_retries", "hosts_revived",
-                                     "shard_backups")
-             if timing.get(k)}
+        n = {
+            k: timing[k]
+            for k in ("retries", "restarts", "shard_retries", "hosts_revived", "shard_backups")
+            if timing.get(k)
+        }
         stage, _hash, *model = t.parent.relative_to(root).parts  # b1/<hash>/<model>
         if n:
             out[stage + "".join(f"[{m}]" for m in model)] = n
