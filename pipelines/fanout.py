@@ -124,14 +124,16 @@ def fan_out(
     def copies(i: int) -> int:
         return sum(j == i for j, _, _ in running.values())
 
-    def straggler_wait() -> float | None:
-        """Seconds until the oldest shard without a backup becomes a straggler; None when a
-        backup cannot help (work is still queued, no host is idle, or every shard has one)."""
-        if todo or not idle:
+    def straggler() -> tuple[float, int] | None:
+        """(seconds until it is late, shard) for the oldest running shard without a backup;
+        None when a backup cannot help (work is still queued, no host is idle, or every
+        running shard has one)."""
+        unbacked = [(t, i) for i, _, t in running.values() if i not in backed]
+        if todo or not idle or not unbacked:
             return None
         limit = max(straggler_s, 3 * statistics.median(took)) if took else straggler_s
-        starts = [t for i, _, t in running.values() if i not in backed]
-        return max(0.0, min(starts) + limit - time.monotonic()) if starts else None
+        t, i = min(unbacked)
+        return max(0.0, t + limit - time.monotonic()), i
 
     with _progress(progress, len(shards), getattr(fn, "__name__", "fn")) as advance:
         while len(results) < len(shards):
@@ -142,16 +144,15 @@ def fan_out(
                     f"hosts: all {len(hosts)} hosts died and cannot restart; "
                     f"{len(todo)} of {len(shards)} shards not done"
                 )
-            backup_in = straggler_wait() if running else None
-            if backup_in == 0.0:
-                t, i = min((t, i) for i, _, t in running.values() if i not in backed)
-                late = time.monotonic() - t
-                log.warning("shard %d still running after %.0f s: a backup copy", i, late)
+            late = straggler()
+            if late and late[0] == 0.0:
+                i = late[1]
+                log.warning("shard %d runs past the others: a backup copy on an idle host", i)
                 backed.add(i)
                 stats["backups"] += 1
                 hand_out(i, idle.pop(0))
                 continue
-            wait_s = backup_in if running else revive_timeout_s
+            wait_s = late[0] if late else (None if running else revive_timeout_s)
             ready, _ = ray.wait([*running, *probes], num_returns=1, timeout=wait_s)
             if not ready:
                 if running:
