@@ -39,9 +39,9 @@ lock:
 demo: install
 	$(OFFLINE) $(VENV)/bin/introspect run plans/quickstart.yaml
 
-# Two test processes, each module whole in one of them (its Ray and fixtures stay shared):
-# much of a Ray test's time is spent waiting on process starts, so the suite runs in ~5/6 of
-# its serial time on 2 cores. TEST_WORKERS=0 runs it serially.
+# Two test processes, each module whole in one of them (its Ray and fixtures stay shared),
+# each computing on one OpenMP thread (tests/conftest.py: two threads per process spin-wait for
+# cores the other process and the Ray workers hold). TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 test: install
 	$(OFFLINE) $(VENV)/bin/pytest -q -rs --durations=10 -n $(TEST_WORKERS) --dist loadfile

@@ -28,6 +28,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         # reservation and the next trial waits forever. Its address goes to every worker so the
         # cleaner never guesses among other Ray instances running on the same machine.
         port = _free_loopback_port()
+        local_train_defaults()
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
@@ -58,3 +59,19 @@ def _free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Ray Train settings for a Ray that lives on this machine only, where nothing is preempted and
+# a stage's training is short: no preemption watcher (one more Python process, ~2 s of CPU, for
+# every training), and the controller notices a finished worker group within 0.5 s, not 2 s.
+# Set in the environment before Ray starts, so the drivers Tune starts inherit them too.
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+
+def local_train_defaults() -> None:
+    """Apply :data:`LOCAL_TRAIN_ENV` where the user has not set those variables."""
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
