@@ -111,9 +111,9 @@ def test_one_worker_killed_resumes_and_follows_the_single_process_loop(tmp_path,
     setting), the local loop does not: so the Ray path, a restart and gradient checkpointing
     all leave training as it is."""
     d, tr, va = files
-    config = quick(max_steps=30, save_every=5, eval_every=5)
-    train(models.load("tiny-random"), tr, va, {"random": VS}, config, tmp_path / "local")
-    remote_config = quick(max_steps=30, save_every=5, eval_every=5, gradient_checkpointing=True)
+    steps = dict(max_steps=30, save_every=5, eval_every=5)
+    train(models.load("tiny-random"), tr, va, {"random": VS}, quick(**steps), tmp_path / "local")
+    remote_config = quick(**steps, gradient_checkpointing=True)
     stop = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         killed = pool.submit(_kill_worker_after_first_checkpoint, tmp_path / "storage" / "k", stop)
