@@ -29,10 +29,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from introspect.models import backbone, cache_kwargs
 from introspect.prefix_share import DetectionBatch, SuffixBatch, read_only, suffix_supported
@@ -40,6 +42,7 @@ from introspect.recompute import is_checkpointed
 from introspect.steering import position_mask, steer
 
 PACKED = "introspect_packed"
+_GQA = is_torch_greater_or_equal("2.5")  # SDPA's enable_gqa
 
 
 @dataclass
@@ -57,18 +60,44 @@ class Layout:
     unpack: torch.Tensor
 
 
+def _rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]``: the packed ``[H, N, D]`` states at ``index`` ``[B, T]``. An
+    ``index_select``, whose backward adds rows back (``index_add``), where advanced indexing's
+    backward is a sorting ``index_put``."""
+    n_rows, width = index.shape
+    picked = states.index_select(1, index.reshape(-1))
+    return picked.view(states.shape[0], n_rows, width, states.shape[-1]).transpose(0, 1)
+
+
+def _sdpa(module, query, key, value, mask, **kwargs) -> torch.Tensor:
+    """``[B, Tq, H, D]``. On a CPU the key/value heads go to SDPA as they are (``enable_gqa``):
+    repeating them for every query head, as transformers does under a mask, costs more than the
+    attention itself at these sizes. Elsewhere transformers' call: its masked GPU kernels take
+    no GQA."""
+    if query.device.type != "cpu" or not _GQA or key.shape[1] == query.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)[0]
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=kwargs.get("dropout", 0.0),
+        scale=kwargs.get("scaling"),
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
 def packed_attention(module, query, key, value, attention_mask, packed=None, **kwargs):
     """SDPA per row on packed ``[1, H, N, D]`` states given their :class:`Layout`; returns
     ``[1, N, H, D]`` as the attention interface does. Without a layout, the model's SDPA."""
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    n_rows, width = packed.q_index.shape
-    q = query[0][:, packed.q_index].transpose(0, 1)  # [B, H, Tq, D]
-    k = key[0][:, packed.kv_index].transpose(0, 1)
-    v = value[0][:, packed.kv_index].transpose(0, 1)
-    out, _ = sdpa_attention_forward(module, q, k, v, packed.mask, is_causal=False, **kwargs)
-    heads, dim = out.shape[-2:]  # out: [B, Tq, H, D]
-    return out.reshape(n_rows * width, heads, dim)[packed.unpack][None], None
+    q = _rows(query[0], packed.q_index)
+    k, v = _rows(key[0], packed.kv_index), _rows(value[0], packed.kv_index)
+    out = _sdpa(module, q, k, v, packed.mask, **kwargs)  # [B, Tq, H, D]
+    n_rows, width, heads, dim = out.shape
+    return out.reshape(n_rows * width, heads, dim).index_select(0, packed.unpack)[None], None
 
 
 AttentionInterface.register(PACKED, packed_attention)
@@ -140,22 +169,32 @@ def _attention(inner: nn.Module) -> Iterator[None]:
         config._attn_implementation = was
 
 
-def _run(inner, ids, positions, layout: Layout, cache: DynamicCache) -> torch.Tensor:
+def _run(inner, ids, positions, layout: Layout, cache: DynamicCache, keep: torch.Tensor):
+    """The decoder layers over packed ``ids``, filling ``cache``; ``[len(keep), d]``: the last
+    layer's output at the packed positions ``keep``. Only those positions go through the last
+    layer's MLP (the prefix pass keeps none): the other tokens' last outputs feed nothing, and
+    their keys and values come from the layer's attention input."""
     hidden = inner.embed_tokens(ids)
     rotary = inner.rotary_emb(hidden, position_ids=positions)
+    *below, last = inner.layers
+    kwargs = {
+        "attention_mask": None,
+        "position_embeddings": rotary,
+        "position_ids": positions,
+        "use_cache": True,
+        "packed": layout,
+    }
     with _attention(inner):
-        for layer in inner.layers:
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=rotary,
-                position_ids=positions,
-                use_cache=True,
-                packed=layout,
-                **cache_kwargs(layer, cache),
-            )
+        for layer in below:
+            out = layer(hidden, **kwargs, **cache_kwargs(layer, cache))
             hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+        # The decoder layer's own forward (Llama, Mistral, Qwen2 alike), split at the MLP.
+        attn = last.self_attn
+        out, _ = attn(last.input_layernorm(hidden), **kwargs, **cache_kwargs(attn, cache))
+    hidden = (hidden + out)[0, keep]
+    if not len(keep):
+        return hidden
+    return hidden + last.mlp(last.post_attention_layernorm(hidden))
 
 
 def packed_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
@@ -172,7 +211,8 @@ def packed_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
     rows = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
     cache = DynamicCache(config=inner.config)
     with torch.no_grad(), steer(model, batch.steerings, mask=steered, token_rows=rows):
-        _run(inner, ids, positions, _layout(lengths, None, ids.device), cache)
+        none = torch.empty(0, dtype=torch.long, device=ids.device)
+        _run(inner, ids, positions, _layout(lengths, None, ids.device), cache, none)
     return cache
 
 
@@ -187,6 +227,5 @@ def packed_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCac
     width = batch.suffix_ids.shape[1]
     positions = _pack(batch.prefix_lens[:, None] + torch.arange(width, device=ids.device), real)
     layout = _layout(prefix, suffix, ids.device)
-    hidden = _run(inner, ids, positions, layout, read_only(cache))
     last = _starts(suffix, ids.device) + batch.suffix_lens.to(ids.device) - 1
-    return inner.norm(hidden[0, last])
+    return inner.norm(_run(inner, ids, positions, layout, read_only(cache), last))
