@@ -169,11 +169,13 @@ def _attention(inner: nn.Module) -> Iterator[None]:
         config._attn_implementation = was
 
 
-def _run(inner, ids, positions, layout: Layout, cache: DynamicCache, keep: torch.Tensor):
+def _run(
+    inner, ids, positions, layout: Layout, cache: DynamicCache, keep: torch.Tensor | None
+) -> torch.Tensor | None:
     """The decoder layers over packed ``ids``, filling ``cache``; ``[len(keep), d]``: the last
-    layer's output at the packed positions ``keep``. Only those positions go through the last
-    layer's MLP (the prefix pass keeps none): the other tokens' last outputs feed nothing, and
-    their keys and values come from the layer's attention input."""
+    layer's output at the packed positions ``keep``, which alone go through its MLP (the other
+    tokens' last outputs feed nothing). ``keep=None`` (the prefix pass): the cache only, for
+    which the last layer's attention is enough."""
     hidden = inner.embed_tokens(ids)
     rotary = inner.rotary_emb(hidden, position_ids=positions)
     *below, last = inner.layers
@@ -191,9 +193,9 @@ def _run(inner, ids, positions, layout: Layout, cache: DynamicCache, keep: torch
         # The decoder layer's own forward (Llama, Mistral, Qwen2 alike), split at the MLP.
         attn = last.self_attn
         out, _ = attn(last.input_layernorm(hidden), **kwargs, **cache_kwargs(attn, cache))
+    if keep is None:
+        return None
     hidden = (hidden + out)[0, keep]
-    if not len(keep):
-        return hidden
     return hidden + last.mlp(last.post_attention_layernorm(hidden))
 
 
@@ -211,8 +213,7 @@ def packed_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
     rows = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
     cache = DynamicCache(config=inner.config)
     with torch.no_grad(), steer(model, batch.steerings, mask=steered, token_rows=rows):
-        none = torch.empty(0, dtype=torch.long, device=ids.device)
-        _run(inner, ids, positions, _layout(lengths, None, ids.device), cache, none)
+        _run(inner, ids, positions, _layout(lengths, None, ids.device), cache, keep=None)
     return cache
 
 
