@@ -39,7 +39,6 @@ from typing import Protocol
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from introspect.errors import IntrospectError
 from introspect.models import backbone, cache_kwargs
@@ -151,6 +150,10 @@ def _run_layers(
     kw = dict(inputs_embeds=hidden, attention_mask=attention, cache=cache, position_ids=positions)
     if past:
         kw["layer_idx"] = layers.start
+    # Here, not at the top: transformers' masking module imports torch._dynamo (~3 s), which
+    # the processes that only tokenise (Ray Data's tasks) never need.
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
     makers = {
         "full_attention": create_causal_mask,
         "sliding_attention": create_sliding_window_causal_mask,

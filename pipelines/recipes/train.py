@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from introspect.config import ModelChoice
-from introspect.train import PRESETS, TrainConfig
+from introspect.train_config import PRESETS, TrainConfig
 
 Preset = Literal["original", "vague-prompt", "r1-minimal", "food-control", "flipped-labels"]
 assert set(Preset.__args__) == set(PRESETS)  # one list of presets
