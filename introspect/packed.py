@@ -217,6 +217,20 @@ def packed_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
     return cache
 
 
+def pack_cache(model: nn.Module, cache: DynamicCache, batch: DetectionBatch) -> DynamicCache:
+    """A padded prefix cache of ``batch`` (``[B, H, T, D]`` a layer, as a shared prefix pass
+    leaves it) with its real tokens only, row after row (``[1, H, N, D]``), as
+    :func:`packed_cache` leaves it: for :func:`packed_suffix_hidden`."""
+    real = batch.prefix_mask.bool()
+    packed = DynamicCache(config=backbone(model).config)
+    for mine, theirs in zip(packed.layers, cache.layers, strict=True):
+        # [B, H, T, D] -> [B, T, H, D] -> the real [N, H, D] in row order -> [1, H, N, D]
+        keys = theirs.keys.transpose(1, 2)[real].transpose(0, 1)[None]
+        values = theirs.values.transpose(1, 2)[real].transpose(0, 1)[None]
+        mine.update(keys, values)
+    return packed
+
+
 def packed_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCache) -> torch.Tensor:
     """``[B, d]``: each row's last suffix token after the final norm, read on a
     :func:`packed_cache`; equal to :func:`introspect.detection.suffix_hidden` on the padded

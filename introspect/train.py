@@ -53,7 +53,13 @@ from introspect.errors import IntrospectError
 from introspect.examples import tokenise_examples, tokenised_prompts
 from introspect.io import write_json, write_text
 from introspect.models import LoadedModel, causal_lm
-from introspect.packed import can_pack, packed_cache, packed_suffix_hidden, use_packed
+from introspect.packed import (
+    can_pack,
+    pack_cache,
+    packed_cache,
+    packed_suffix_hidden,
+    use_packed,
+)
 from introspect.precision import autocast, dtype_name, train_precision, weights_dtypes
 from introspect.recompute import checkpoint_layers
 from introspect.train_config import PRESETS as PRESETS  # re-exported: the public names
@@ -282,7 +288,8 @@ def answer_pair(
     tokens' raw logits instead, through their LM-head rows only; they differ from the
     log-probabilities by one constant per row, so a softmax over the answers (the 2-way loss,
     the argmax) is the same without the whole vocabulary. ``packed``: without padding
-    (:mod:`introspect.packed`) where the model allows it and no prefix is shared or has grad.
+    (:mod:`introspect.packed`) where the model allows it and the prefix has no grad; a shared
+    prefix pass stays padded and only the suffix pass is packed.
     """
     k = [len(p.answer_ids) for p in prompts]
     if min(k) < max(k):
@@ -291,17 +298,19 @@ def answer_pair(
             for p, n in zip(prompts, k, strict=True)
         ]
     batch = collate(prompts, pad_id).to(next(model.parameters()).device)
-    pack = packed and not prefix_grad and not share_prefixes and can_pack(model)
+    pack = packed and not prefix_grad and can_pack(model)
     if prefix_grad:
         cache = steered_cache(model, batch, grad=True)
     else:
         was_training = model.training
         model.eval()
         try:
-            if pack:
+            if pack and not share_prefixes:
                 cache = packed_cache(model, batch)
             else:
                 cache = prefix_cache(model, batch, share_prefixes)
+                if pack:  # a shared prefix pass is padded; its suffix pass need not be
+                    cache = pack_cache(model, cache, batch)
         finally:
             model.train(was_training)
     read = packed_suffix_hidden if pack else suffix_hidden

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_shared_prefix import batch_of, mixed_rows, tiny_other
+from test_shared_prefix import assert_same_cache, batch_of, mixed_rows, tiny_other
 
 from introspect import packed
 from introspect.detection import build_prompt, steered_cache, suffix_hidden
@@ -47,7 +47,8 @@ def test_a_query_reading_one_key_too_many_is_caught(tiny, monkeypatch):
 
 def test_training_steps_packed_equal_padded_also_checkpointed(tiny):
     """The loss and every gradient, with LoRA-free full gradients on tiny-random; the packed
-    pass under gradient checkpointing replays its attention packed."""
+    pass under gradient checkpointing replays its attention packed; a shared prefix pass
+    (contexts_per_batch) repacked for the packed suffix pass."""
     import copy
 
     rows = mixed_rows(tiny.n_layers, tiny.d_model)
@@ -55,23 +56,43 @@ def test_training_steps_packed_equal_padded_also_checkpointed(tiny):
     targets = label_targets([r.steering is not None for r in rows])
     pad = tiny.tokenizer.pad_token_id
     runs = {}
-    for name, pack, checkpointed in [("padded", False, False), ("packed", True, False),
-                                     ("packed, checkpointed", True, True)]:  # fmt: skip
+    cases = [("padded", False, False, False), ("packed", True, False, False),
+             ("packed, checkpointed", True, True, False), ("shared, packed", True, False, True),
+             ("shared, packed, checkpointed", True, True, True)]  # fmt: skip
+    for name, pack, checkpointed, share in cases:
         model = copy.deepcopy(tiny.model)
         packed.use_packed(model)
         if checkpointed:
             checkpoint_layers(model)
         model.train()
         assert packed.can_pack(model)
-        loss = F.cross_entropy(answer_pair(model, prompts, pad, packed=pack), targets)
+        pair = answer_pair(model, prompts, pad, packed=pack, share_prefixes=share)
+        loss = F.cross_entropy(pair, targets)
         loss.backward()
         runs[name] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
     want_loss, want = runs["padded"]
-    for name in ("packed", "packed, checkpointed"):
+    for name, *_ in cases[1:]:
         loss, grads = runs[name]
         assert loss == pytest.approx(want_loss, abs=1e-5), name
         for n, g in want.items():
             torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=f"{name}: {n}")
+
+
+def test_a_shared_prefix_cache_packs_as_the_packed_pass_lays_it_out(tiny):
+    """pack_cache of the shared (padded) prefix pass holds what packed_cache computes."""
+    from introspect.detection import prefix_cache
+
+    batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
+    with torch.no_grad():
+        shared = prefix_cache(tiny.model, batch, share_prefixes=True)
+        want = packed.packed_cache(tiny.model, batch)
+    got = packed.pack_cache(tiny.model, shared, batch)
+    assert_same_cache(got, want, atol=1e-5)
+    # Rows in the wrong order would not match: the comparison can fail.
+    flipped = packed.pack_cache(tiny.model, shared, batch_of(tiny, mixed_rows(
+        tiny.n_layers, tiny.d_model)[::-1]))  # fmt: skip
+    assert max(float((a.keys - b.keys).abs().max()) if a.keys.shape == b.keys.shape else 1.0
+               for a, b in zip(flipped.layers, want.layers, strict=True)) > 1e-3  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2-full", "mistral"])
