@@ -48,10 +48,9 @@ from introspect.io import write_json
 from introspect.train_config import TrainConfig
 from pipelines.failures import failure_line, is_lost
 
-# Ray Train's controller and Ray Data's tokenising tasks import this module to unpickle the
-# worker loop and the tokeniser (a fresh process each, for every training): what only the
-# driver or the training workers use (torch, the model code, ray.train.torch) is imported where
-# it is used, which saves those processes ~6 s of CPU each.
+# Ray Data's tokenising tasks import this module to unpickle the tokeniser (a fresh process,
+# for every training): what only the driver or the training workers use (the model code,
+# ray.train.torch) is imported where it is used, which saved such a process ~2 s of CPU.
 
 log = logging.getLogger(__name__)
 
