@@ -327,8 +327,10 @@ def main() -> None:
         "device": str(scorers[dtypes[0]].device),
         "cpu": cpu_model(),
         # Without native bf16 (AVX2 only), bf16 matmuls are emulated and many times slower
-        # than fp32: our default is then fp32, the reference's stays bf16.
+        # than fp32; with AVX512-BF16 but no AMX they are still slower. Our default is then
+        # fp32 (introspect.precision), the reference's stays bf16.
         "cpu_native_bf16": precision.native_bf16_cpu(),
+        "cpu_amx": precision.amx_cpu(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),

@@ -1,11 +1,19 @@
 """The dtype a model runs in: one option, one default, and fp32 master weights for training.
 
 Every recipe that loads a model takes ``dtype`` (``introspect.config.Precision``); ``None`` means
-:func:`default_dtype`: bfloat16 on a CUDA GPU, bfloat16 on a CPU with native bf16 arithmetic
-(AVX512-BF16 or AMX) once the detection benchmark has shown that results hold there
-(:data:`CPU_BF16_HOLDS`), float32 elsewhere. ``INTROSPECT_CPU_BF16=0`` in the environment keeps a
-CPU at float32 (the test suite sets it: it compares code paths at 1e-4; or to reproduce an fp32
-result); being an environment variable, it reaches Ray workers started from that environment.
+:func:`default_dtype`: bfloat16 on a CUDA GPU, bfloat16 on a CPU with AMX tiles once the detection
+benchmark has shown that results hold there (:data:`CPU_BF16_HOLDS`), float32 elsewhere.
+
+A CPU with AVX512-BF16 but no AMX stays at float32 by default, because bf16 is slower there: on
+such a 2-core CPU a [464, 576] x [576, 1536] linear took 8.2 ms in bf16 against 4.3 in fp32, and
+in the reference benchmark our scoring and training ran 1.4-1.5 times slower in bf16 than in fp32,
+the reference-shaped loop 1.2-1.4 times (``benchmarks/results/reference_cpu_avx512.json``); on a
+CPU with AMX, bf16 ran about three times faster than fp32 (``reference_cpu.json``).
+
+``INTROSPECT_CPU_BF16`` in the environment overrides the CPU rule: ``0`` keeps any CPU at float32
+(the test suite sets it: it compares code paths at 1e-4; or to reproduce an fp32 result), ``1``
+takes bfloat16 on any CPU with native bf16 arithmetic (AVX512-BF16 or AMX). Being an environment
+variable, it reaches Ray workers started from that environment.
 
 Training in a low-precision dtype keeps what it updates in float32, because a bf16 weight
 cannot take an AdamW step much smaller than 1/256 of itself:
@@ -34,18 +42,29 @@ CPU_BF16_HOLDS = True
 LOW = (torch.bfloat16, torch.float16)
 
 
+def _cpu_has(*checks: str) -> bool:
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 @functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+@functools.cache
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles, where bf16 matmuls outrun fp32 ones."""
+    return _cpu_has("_is_amx_tile_supported")
 
 
 def cpu_bf16_default() -> bool:
     """Whether a CPU model loads in bf16 when no dtype is asked for."""
-    wanted = os.environ.get("INTROSPECT_CPU_BF16", "1") != "0"
-    return wanted and CPU_BF16_HOLDS and native_bf16_cpu()
+    wanted = os.environ.get("INTROSPECT_CPU_BF16", "")
+    if wanted == "0" or not CPU_BF16_HOLDS:
+        return False
+    return native_bf16_cpu() if wanted == "1" else amx_cpu()
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

@@ -133,9 +133,16 @@ def test_the_default_dtype(monkeypatch):
     assert precision.default_dtype("cpu") == torch.bfloat16
     monkeypatch.setenv("INTROSPECT_CPU_BF16", "0")  # what the suite runs under
     assert precision.default_dtype("cpu") == torch.float32
-    monkeypatch.delenv("INTROSPECT_CPU_BF16")
+    monkeypatch.delenv("INTROSPECT_CPU_BF16")  # unset: bf16 only where AMX makes it faster
+    monkeypatch.setattr(precision, "amx_cpu", lambda: False)  # AVX512-BF16 alone
+    assert precision.default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(precision, "amx_cpu", lambda: True)
     assert precision.default_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(precision, "CPU_BF16_HOLDS", False)
+    assert precision.default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(precision, "CPU_BF16_HOLDS", True)
+    monkeypatch.setenv("INTROSPECT_CPU_BF16", "1")
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)  # AVX2: never bf16
     assert precision.default_dtype("cpu") == torch.float32
     assert precision.resolve("float16", "cpu") == torch.float16
 
