@@ -83,11 +83,27 @@ def client(tracking: Tracking):
     return mlflow.MlflowClient(tracking.mlflow.tracking_uri)
 
 
+def _experiment(tracking: Tracking) -> None:
+    """Create the plan's experiment unless it exists. Units that finish together may all find
+    none and all create it: the callback's own look-then-create fails for all but one of them
+    ("already exists"), which here means it is there to log to."""
+    import mlflow
+
+    store, name = client(tracking), tracking.mlflow.experiment
+    if store.get_experiment_by_name(name) is not None:
+        return
+    try:
+        store.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        if store.get_experiment_by_name(name) is None:
+            raise
+
+
 def log_run(tracking: Tracking, name: str, params: dict, records: list[dict], tags: dict) -> None:
     """One MLflow run: ``params``, then each record at its ``step`` (else 1, 2, ...)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    _allow_file_store(tracking.mlflow.tracking_uri)
+    _experiment(tracking)
     cb = MLflowLoggerCallback(
         tracking_uri=tracking.mlflow.tracking_uri,
         experiment_name=tracking.mlflow.experiment,

@@ -101,3 +101,23 @@ def test_the_plan_block_is_checked_like_the_rest(tmp_path):
     mlflow_block = {"tracking_uri": "file:///m", "experiment": "e", "experimnt": "f"}
     with pytest.raises(IntrospectError, match=r"^plan: tracking\.mlflow\.experimnt: unknown key"):
         parse_plan({**plan, "tracking": {"mlflow": mlflow_block}})
+
+
+def test_two_units_creating_the_experiment_at_once_both_log(tmp_path, monkeypatch, capsys):
+    """Two units that finish together both find no experiment and both create it; the one
+    whose create comes second must still log its run (it lost the race, not its results)."""
+    tracking = store(tmp_path)
+    fake_run(tmp_path / "run")
+    track_unit(tracking, "p", "first", None, "train", Params(), tmp_path / "run", {})
+    looked = mlflow.MlflowClient.get_experiment_by_name
+    calls = []
+
+    def stale_once(self, name):  # the other unit created it just after this one looked
+        calls.append(name)
+        return None if len(calls) == 1 else looked(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", stale_once)
+    track_unit(tracking, "p", "second", None, "train", Params(), tmp_path / "run", {})
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+    assert set(runs(tracking)[0]) == {"p/first", "p/second"}
