@@ -97,9 +97,9 @@ class Precision(Config):
 
     dtype: DType | None = Field(
         None,
-        description="weights' dtype (default: bfloat16 on a GPU, and on a CPU with native bf16 "
-        "where the benchmark showed results hold; float32 elsewhere). Training keeps the "
-        "weights it updates in float32",
+        description="weights' dtype (default: bfloat16 on a GPU, and on a CPU with AMX, where "
+        "the benchmark showed results hold and bf16 runs faster; float32 elsewhere). Training "
+        "keeps the weights it updates in float32",
     )
 
 
