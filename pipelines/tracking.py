@@ -103,7 +103,7 @@ def log_run(tracking: Tracking, name: str, params: dict, records: list[dict], ta
     """One MLflow run: ``params``, then each record at its ``step`` (else 1, 2, ...)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    _experiment(tracking)
+    _allow_file_store(tracking.mlflow.tracking_uri)
     cb = MLflowLoggerCallback(
         tracking_uri=tracking.mlflow.tracking_uri,
         experiment_name=tracking.mlflow.experiment,
@@ -144,6 +144,7 @@ def track_unit(tracking: Tracking | None, plan: str, stage: str, part: str | Non
 
 
 def _track(tracking, plan, stage, part, kind, config, out, metrics) -> None:
+    _experiment(tracking)  # once per unit, not per run: a sweep logs a run for every trial
     tags = {"plan": plan, "stage": stage, "kind": kind}
     params = config.model_dump()
     if kind == "train":
