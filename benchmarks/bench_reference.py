@@ -1,10 +1,10 @@
 """Our scoring and training vs a loop shaped like the reference's, side by side in one process.
 
 Ours: ``score_detection`` (batches of 16 grouped by prefix, per-row steering masks, prefix pass
-through the backbone only, each distinct prefix run once below its rows' steered layers, a steered
-row's suffix run with its unsteered twin's through its first steered layer, LM head on the answer
-position only, identical unsteered trials scored once) and ``train`` (preset "original": LoRA
-r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one micro-batch of 8 per optimizer step; the rows
+through the backbone only, each distinct prefix run once through its rows' first steered layers, a
+steered row's suffix run with its unsteered twin's through its first steered layer, the last
+layer's MLP and the LM head on the answer position only, identical unsteered trials scored once)
+and ``train`` (preset "original": LoRA r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one micro-batch of 8 per optimizer step; the rows
 packed without their padding, ``introspect.packed``, with the key/value heads handed to SDPA as
 they are on a CPU and the last layer's MLP run only at the answer positions; the 2-way loss from
 the answer tokens' LM-head rows only; on a CPU the LoRA dropout masks come from 16 random bits an

@@ -37,7 +37,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from introspect.models import backbone, cache_kwargs
-from introspect.prefix_share import DetectionBatch, SuffixBatch, read_only, suffix_supported
+from introspect.prefix_share import (
+    DetectionBatch,
+    SuffixBatch,
+    last_layer,
+    read_only,
+    suffix_supported,
+)
 from introspect.recompute import is_checkpointed
 from introspect.steering import position_mask, steer
 
@@ -190,13 +196,8 @@ def _run(
         for layer in below:
             out = layer(hidden, **kwargs, **cache_kwargs(layer, cache))
             hidden = out[0] if isinstance(out, tuple) else out
-        # The decoder layer's own forward (Llama, Mistral, Qwen2 alike), split at the MLP.
-        attn = last.self_attn
-        out, _ = attn(last.input_layernorm(hidden), **kwargs, **cache_kwargs(attn, cache))
-    if keep is None:
-        return None
-    hidden = (hidden + out)[0, keep]
-    return hidden + last.mlp(last.post_attention_layernorm(hidden))
+        pick = None if keep is None else lambda states: states[0, keep]
+        return last_layer(last, hidden, pick, cache, **kwargs)
 
 
 def packed_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:

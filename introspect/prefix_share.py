@@ -1,18 +1,20 @@
 """The prefix pass shared between rows that read the same prefix, and the suffix pass between
 rows that also ask the same question.
 
-Steering adds to the *output* of decoder layers ``[layer_start, layer_end)``, so below its first
-steered layer a row is exactly its unsteered prefix: the hidden state entering ``layer_start`` and
-the keys/values of layers ``0..layer_start`` (a layer's keys/values come from its input) do not
-depend on the steering. An evaluation asks many steerings of one context, so here each distinct
-prefix is run once, as one "prefix stream", and a steered row only gets its own stream from its
-``layer_start`` on, starting from its prefix's hidden state. Unsteered rows never leave their
-prefix stream. A prefix stream stops once no row of the batch reads it any more.
+Steering adds to the *output* of decoder layers ``[layer_start, layer_end)``, so through its first
+steered layer a row is exactly its unsteered prefix: the keys/values of layers ``0..layer_start``
+(a layer's keys/values come from its input) and ``layer_start``'s output before the addition do
+not depend on the steering. An evaluation asks many steerings of one context, so here each
+distinct prefix is run once, as one "prefix stream", and a steered row only gets its own stream
+from ``layer_start + 1`` on, starting from its prefix's output of ``layer_start`` plus its
+steering. Unsteered rows never leave their prefix stream. A prefix stream stops once no row of the
+batch reads it any more.
 
-The depth is cut at every distinct ``layer_start`` of the batch: within a segment the set of
-streams is fixed, so the segment runs as one batched call per layer with the ordinary steering
-hooks on. With a single ``layer_start`` this is two segments: shared ``[0, L)``, per-row
-``[L, n)``.
+The depth is cut at every distinct leave layer of the batch: within a segment the set of streams
+is fixed, so the segment runs as one batched call per layer with the ordinary steering hooks on.
+With a single ``layer_start`` L this is two segments: shared ``[0, L]``, per-row ``(L, n)``. The
+last layer runs its MLP only where an output is read (:func:`last_layer`): nowhere in the prefix
+pass, at each row's answer position in the suffix pass.
 
 The suffix (question and prefill, unsteered) reads the cache, and a row's cache is its unsteered
 prefix's up to and including layer ``layer_start``; so a steered row's suffix is its unsteered
@@ -42,7 +44,7 @@ from transformers import DynamicCache
 
 from introspect.errors import IntrospectError
 from introspect.models import backbone, cache_kwargs
-from introspect.steering import Steering, position_mask, steer
+from introspect.steering import Steering, added, position_mask, steer
 
 
 class DetectionBatch(Protocol):
@@ -94,15 +96,13 @@ def distinct_prefixes(batch: DetectionBatch) -> tuple[list[int], list[int]]:
 
 
 def leave_layers(steerings: list[Steering | None], n_layers: int) -> list[int]:
-    """The layer at which each row leaves its prefix stream (``n_layers``: never, unsteered)."""
-    return [n_layers if s is None else s.layer_start for s in steerings]
-
-
-def suffix_leave_layers(steerings: list[Steering | None], n_layers: int) -> list[int]:
-    """The layer at which each row's suffix leaves its unsteered twin's (``n_layers``: never):
-    one past ``layer_start``, whose keys/values are still unsteered. A row steered only at the
-    last layer never leaves: that layer's output reaches no key or value."""
-    return [min(n_layers, layer + 1) for layer in leave_layers(steerings, n_layers)]
+    """The layer at which each row leaves its stream (``n_layers``: never): one past
+    ``layer_start``. Steering adds to ``layer_start``'s *output*, so that layer's input and
+    keys/values are still its prefix's (or its unsteered twin's, in the suffix pass); the prefix
+    pass adds the steering to the stream's output as the row leaves (:func:`_sources`' caller).
+    A row steered only at the last layer never leaves: that layer's output reaches no key or
+    value."""
+    return [n_layers if s is None else min(n_layers, s.layer_start + 1) for s in steerings]
 
 
 def _layer_kinds(inner: nn.Module) -> list[str]:
@@ -131,6 +131,20 @@ def _sources(
     ]
 
 
+def last_layer(layer: nn.Module, hidden: torch.Tensor, pick, cache, **kwargs):
+    """The model's last decoder layer, its own forward (Llama, Mistral, Qwen2 alike) split at the
+    MLP: attention for every token, which fills ``cache``, then the MLP only at the outputs
+    ``pick(states)`` takes; ``pick=None``: none (a prefix pass wants the cache only). The other
+    tokens' last outputs feed nothing, so this is most of a layer saved. The layer's forward hooks
+    do not run: steering the last layer changes no key, value or answer either."""
+    attn = layer.self_attn
+    out, _ = attn(layer.input_layernorm(hidden), **kwargs, **cache_kwargs(attn, cache))
+    if pick is None:
+        return None
+    hidden = pick(hidden) + pick(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 def _run_layers(
     inner: nn.Module,
     hidden: torch.Tensor,
@@ -138,10 +152,13 @@ def _run_layers(
     positions: torch.Tensor,
     layers: range,
     cache: DynamicCache | None = None,
-) -> tuple[torch.Tensor, DynamicCache]:
+    pick=None,
+) -> tuple[torch.Tensor | None, DynamicCache]:
     """Decoder layers ``layers`` on ``hidden``: the output and a cache holding those layers.
 
     ``cache``: keys/values the tokens follow (layers ``layers`` filled; :func:`_rows_cache`).
+    Where ``layers`` ends at the model's last layer, that layer runs as :func:`last_layer` with
+    ``pick``: the output is ``pick``'s outputs only, or None.
     """
     past = cache is not None
     cache = cache if past else DynamicCache(config=inner.config)
@@ -163,14 +180,11 @@ def _run_layers(
     rotary = inner.rotary_emb(hidden, position_ids=positions)
     for i in layers:
         layer = inner.layers[i]
-        out = layer(
-            hidden,
-            attention_mask=masks[kinds[i]],
-            position_embeddings=rotary,
-            position_ids=positions,
-            use_cache=True,
-            **cache_kwargs(layer, cache),
-        )
+        kwargs = dict(attention_mask=masks[kinds[i]], position_embeddings=rotary,
+                      position_ids=positions, use_cache=True)  # fmt: skip
+        if i == len(inner.layers) - 1:
+            return last_layer(layer, hidden, pick, cache, **kwargs), cache
+        out = layer(hidden, **kwargs, **cache_kwargs(layer, cache))
         hidden = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
     return hidden, cache
 
@@ -208,18 +222,27 @@ def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
             like = [firsts[i] if kind == "prefix" else i for kind, i in streams]  # tokens, mask
             steerings = [batch.steerings[i] if kind == "row" else None for kind, i in streams]
             mask = position_mask(steerings, batch.prefix_lens[like].tolist(), width)
+            hidden = hidden[source]
+            # A row leaving here takes its prefix's output of layer start - 1: if its steering
+            # adds to that layer, add it now, as that layer's hook would have.
+            for j, s in enumerate(steerings):
+                if (
+                    s is not None
+                    and leave[like[j]] == start
+                    and s.layer_start < start <= s.layer_end
+                ):
+                    hidden[j] += mask[j, :, None].to(hidden) * added(s, hidden)
             with steer(model, steerings, mask=mask):
                 hidden, cache = _run_layers(
-                    inner, hidden[source], batch.prefix_mask[like], positions[like],
-                    range(start, end),
-                )  # fmt: skip
+                    inner, hidden, batch.prefix_mask[like], positions[like], range(start, end)
+                )
             where = {s: j for j, s in enumerate(streams)}
             # Each row reads the keys/values of its own stream once it has left, else its prefix's.
             read = [
                 where[("row", r)] if leave[r] <= start else where[("prefix", prefix_of[r])]
                 for r in rows
             ]
-            index = torch.tensor(read, device=hidden.device)
+            index = torch.tensor(read, device=batch.prefix_ids.device)
             for i in range(start, end):
                 cache.layers[i].batch_select_indices(index)
                 final.layers[i] = cache.layers[i]
@@ -280,7 +303,7 @@ def shared_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCac
     group_of = [group_ids.setdefault(k, len(group_ids)) for k in keys]
     rows = range(len(keys))
     firsts = [group_of.index(g) for g in range(len(group_ids))]
-    leave = suffix_leave_layers(batch.steerings, n_layers)
+    leave = leave_layers(batch.steerings, n_layers)
     width = batch.suffix_ids.shape[1]
     positions = batch.prefix_lens[:, None] + torch.arange(width, device=batch.suffix_ids.device)
     attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
@@ -297,14 +320,14 @@ def shared_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCac
             i if kind == "row" else next(r for r in rows if group_of[r] == i and leave[r] >= end)
             for kind, i in streams
         ]
+        where = {s: j for j, s in enumerate(streams)}
+        # Each row's answer is its last suffix token out of its own stream, else its group's.
+        read = [where[("row", r)] if leave[r] <= start else where[("group", group_of[r])]
+                for r in rows]  # fmt: skip
+        index = torch.tensor(read, device=hidden.device), batch.suffix_lens - 1
         layers = range(start, end)
         hidden, _ = _run_layers(
             inner, hidden[source], attention[like], positions[like], layers,
-            _rows_cache(inner, cache, like, layers),
+            _rows_cache(inner, cache, like, layers), pick=lambda states, i=index: states[i],
         )  # fmt: skip
-        where = {s: j for j, s in enumerate(streams)}
-    read = [
-        where[("row", r)] if leave[r] < n_layers else where[("group", group_of[r])] for r in rows
-    ]
-    last = hidden[torch.tensor(read, device=hidden.device), batch.suffix_lens - 1]
-    return inner.norm(last)
+    return inner.norm(hidden)

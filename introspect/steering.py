@@ -59,6 +59,11 @@ class Steering:
             raise IntrospectError(f"positions: {self.positions} is not a token slice (start, end)")
 
 
+def added(steering: Steering, like: torch.Tensor) -> torch.Tensor:
+    """``[d]``: what ``steering`` adds at a steered position, in ``like``'s dtype and device."""
+    return (steering.magnitude * steering.vector.detach().float().cpu()).to(like)
+
+
 def position_mask(
     steerings: Sequence[Steering | None], lengths: Sequence[int], total: int
 ) -> torch.Tensor:
@@ -107,7 +112,7 @@ def steer(
     active = torch.zeros(len(layers), len(rows), dtype=torch.float32)
     for b, s in enumerate(rows):
         if s is not None:
-            deltas[b] = s.magnitude * s.vector.detach().float().cpu()
+            deltas[b] = added(s, deltas)
             active[s.layer_start : s.layer_end, b] = 1.0
     deltas = deltas.to(device=param.device, dtype=param.dtype)
     row_mask = None if mask is None else mask.to(device=param.device, dtype=param.dtype)[:, :, None]

@@ -16,6 +16,7 @@ from introspect.detection import (
     prefix_cache,
     score_detection,
     steered_cache,
+    suffix_hidden,
     suffix_logits,
 )
 from introspect.errors import IntrospectError
@@ -114,37 +115,56 @@ def test_leaving_the_prefix_a_layer_late_is_caught_and_early_is_only_slower(tiny
     assert_same_cache(shared_cache(tiny.model, batch), plain)
 
 
-def test_each_prefix_runs_once_below_its_rows_steered_layers(tiny):
-    """Counted rows per layer: one prefix, unsteered + steered from layer 1 + from layer 2."""
-    n, d = tiny.n_layers, tiny.d_model
-    rows = [DetectionExample("Hi", "Hello!", QUESTIONS[0])]
-    rows += [dataclasses.replace(rows[0], steering=Steering(unit(d, k), k, n, 9.0)) for k in (1, 2)]
-    batch = batch_of(tiny, rows)
-    seen = [0] * n
+def rows_per_layer(model, run, part: str = "self_attn") -> list[int]:
+    """Rows (batch entries) each decoder layer's ``part`` (its attention or its MLP) takes in
+    ``run()``: the last layer runs its parts alone (prefix_share.last_layer)."""
+    seen = [0] * len(decoder_layers(model))
 
     def count(i):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen[i] += hidden.shape[0]
+            seen[i] += hidden.shape[0] if part == "self_attn" else hidden.shape[:-1].numel()
 
         return hook
 
     handles = [
-        layer.register_forward_pre_hook(count(i), with_kwargs=True)
-        for i, layer in enumerate(decoder_layers(tiny.model))
+        getattr(layer, part).register_forward_pre_hook(count(i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers(model))
     ]
     try:
-        shared_cache(tiny.model, batch)
-        shared = list(seen)
-        seen[:] = [0] * n
-        steered_cache(tiny.model, batch)
-        plain = list(seen)
+        with torch.no_grad():
+            run()
     finally:
         for h in handles:
             h.remove()
-    # [0, 1): the prefix; [1, 2): + the row steered from 1; [2, 4): + the row steered from 2.
-    assert shared == [1, 2, 3, 3]
-    assert plain == [3, 3, 3, 3]
+    return seen
+
+
+def test_each_prefix_runs_once_through_its_rows_first_steered_layers(tiny):
+    """Rows per layer: one prefix, unsteered + steered from layer 1 + from layer 2. A steered
+    row's first steered layer is its prefix's, plus the steering."""
+    n, d = tiny.n_layers, tiny.d_model
+    rows = [DetectionExample("Hi", "Hello!", QUESTIONS[0])]
+    rows += [dataclasses.replace(rows[0], steering=Steering(unit(d, k), k, n, 9.0)) for k in (1, 2)]
+    batch = batch_of(tiny, rows)
+    # [0, 2): the prefix; layer 2: + the row steered from 1; layer 3: + the row steered from 2.
+    assert rows_per_layer(tiny.model, lambda: shared_cache(tiny.model, batch)) == [1, 1, 2, 3]
+    assert rows_per_layer(tiny.model, lambda: steered_cache(tiny.model, batch)) == [3, 3, 3, 3]
+    assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
+
+
+def test_the_last_layer_runs_its_mlp_only_at_the_answers(tiny):
+    """Its outputs feed no key or value: the prefix pass needs none of them, the suffix pass the
+    answer position's only (a token per row, or per shared stream)."""
+    n, d = tiny.n_layers, tiny.d_model
+    rows = mixed_rows(n, d)
+    batch = batch_of(tiny, rows)
+    mlp = lambda run: rows_per_layer(tiny.model, run, "mlp")  # noqa: E731  tokens per layer
+    assert mlp(lambda: shared_cache(tiny.model, batch))[-1] == 0
+    assert mlp(lambda: shared_cache(tiny.model, batch))[-2] > 0
+    cache = steered_cache(tiny.model, batch)
+    suffix = mlp(lambda: prefix_share.shared_suffix_hidden(tiny.model, batch, cache))
+    assert suffix[-1] == len(rows) and suffix[-2] > len(rows)
 
 
 def test_prefixes_with_the_same_padded_ids_but_different_lengths_stay_apart(tiny):
@@ -274,31 +294,12 @@ def test_smollm2_shared_scores_equal_plain_scores(smollm):
 
 
 def suffix_calls(model, batch, share: bool) -> list[int]:
-    """Rows each decoder layer runs in the suffix pass alone (the prefix cache made first)."""
-    n = len(decoder_layers(model))
-    seen = [0] * n
-
-    def count(i):
-        def hook(_module, args, kwargs):
-            seen[i] += (args[0] if args else kwargs["hidden_states"]).shape[0]
-
-        return hook
-
+    """Rows each decoder layer's attention runs in the suffix pass alone."""
     with torch.no_grad():
         cache = prefix_cache(model, batch)
-        handles = [
-            layer.register_forward_pre_hook(count(i), with_kwargs=True)
-            for i, layer in enumerate(decoder_layers(model))
-        ]
-        try:
-            if share:
-                prefix_share.shared_suffix_hidden(model, batch, cache)
-            else:
-                suffix_logits(model, batch, cache)
-        finally:
-            for h in handles:
-                h.remove()
-    return seen
+    if share:
+        return rows_per_layer(model, lambda: prefix_share.shared_suffix_hidden(model, batch, cache))
+    return rows_per_layer(model, lambda: suffix_logits(model, batch, cache))
 
 
 def test_a_suffix_runs_once_through_its_rows_first_steered_layers(tiny):
@@ -321,13 +322,15 @@ def test_a_suffix_runs_once_through_its_rows_first_steered_layers(tiny):
 
 def test_leaving_the_suffix_a_layer_late_is_caught_and_early_is_only_slower(tiny, monkeypatch):
     """The test can fail: a row that stays with its twin through the layer after its first
-    steered one reads unsteered keys there, and its answer moves. Leaving earlier is exact."""
+    steered one reads unsteered keys there, and its answer moves. Leaving earlier is exact. The
+    cache is the plain pass's, so only the suffix pass leaves at the shifted layers."""
     batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
     with torch.no_grad():
-        plain = detection_logits(tiny.model, batch)
-        right = prefix_share.suffix_leave_layers
+        cache = steered_cache(tiny.model, batch)
+        plain = suffix_hidden(tiny.model, batch, cache)
+        right = prefix_share.leave_layers
         for shift, exact in ((1, False), (-1, True)):
-            monkeypatch.setattr(prefix_share, "suffix_leave_layers", lambda s, n, k=shift: [
+            monkeypatch.setattr(prefix_share, "leave_layers", lambda s, n, k=shift: [
                 min(max(x + k, 1), n) for x in right(s, n)])  # fmt: skip
-            gap = (detection_logits(tiny.model, batch, share_prefixes=True) - plain).abs().max()
+            gap = (prefix_share.shared_suffix_hidden(tiny.model, batch, cache) - plain).abs().max()
             assert (gap < 1e-4) == exact, (shift, float(gap))
