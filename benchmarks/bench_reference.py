@@ -4,11 +4,11 @@ Ours: ``score_detection`` (batches of 16 grouped by prefix, per-row steering mas
 through the backbone only, each distinct prefix run once through its rows' first steered layers, a
 steered row's suffix run with its unsteered twin's through its first steered layer, the last
 layer's MLP and the LM head on the answer position only, identical unsteered trials scored once)
-and ``train`` (preset "original": LoRA r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one micro-batch of 8 per optimizer step; the rows
-packed without their padding, ``introspect.packed``, with the key/value heads handed to SDPA as
-they are on a CPU and the last layer's MLP run only at the answer positions; the 2-way loss from
-the answer tokens' LM-head rows only; on a CPU the LoRA dropout masks come from 16 random bits an
-element, ``introspect.dropout``).
+and ``train`` (preset "original": LoRA r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one
+micro-batch of 8 per optimizer step; the rows packed without their padding, ``introspect.packed``,
+with the key/value heads handed to SDPA as they are on a CPU and the last layer's MLP run only at
+the answer positions; the 2-way loss from the answer tokens' LM-head rows only; on a CPU the LoRA
+dropout masks come from 16 random bits an element, ``introspect.dropout``).
 
 Reference-shaped (written here from the documented shape, plain torch + transformers on the same
 loaded LlamaForCausalLM): every trial alone (batch 1); forward hooks on decoder layers

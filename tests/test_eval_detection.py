@@ -86,7 +86,11 @@ def test_stage_defaults_to_relative_magnitudes(tiny, tmp_path):
     assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
     assert (m["magnitude_mode"], m["magnitudes"]) == ("relative", [0.05, 0.1, 0.2, 0.3])
     assert set(m["tiers"]) == {"in_distribution", "held_out"} and m["label"] == "tiny-random"
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_per_tier"] == 4
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["n_per_tier"] == 4
+    # What it ran in, not the config's null ("the default where it runs").
+    ran = str(next(tiny.model.parameters()).dtype).removeprefix("torch.")
+    assert (written["dtype"], written["device"]) == (ran, "cpu")
     assert "### B1 detection" in (tmp_path / "out" / "summary.md").read_text()
 
 

@@ -135,6 +135,15 @@ def model_call(cfg: ModelConfig, lm, mapper, fn: Callable, **opts):
     return call(fn, **opts) if callable(call) else fn(load_model(cfg), **opts)
 
 
+def ran_on(lm) -> dict[str, str]:
+    """``{"dtype", "device"}``: where ``lm``'s weights are, so a suite's numbers say what they ran
+    in (its config's ``null`` means "the default where it ran")."""
+    from introspect.precision import dtype_name
+
+    weight = next(lm.model.parameters())
+    return {"dtype": dtype_name(weight.dtype), "device": str(weight.device)}
+
+
 def model_dims(cfg: ModelConfig, lm) -> tuple[int, int]:
     """``(n_layers, d_model)`` of the evaluated model: from ``lm``, else from its config."""
     from introspect.models import dims

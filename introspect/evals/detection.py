@@ -38,6 +38,7 @@ from introspect.evals.common import (
     load_model,
     model_call,
     model_dims,
+    ran_on,
 )
 from introspect.examples import (
     ask_in,
@@ -327,6 +328,7 @@ def run_detection(
     )
     # The settings travel with the numbers ("food" is the food task's metrics, not the flag).
     metrics.update({k: v for k, v in cfg.model_dump().items() if k not in ("label", "food")})
+    metrics.update(model_call(cfg, lm, mapper, ran_on))  # the dtype and device it ran in
     metrics["food_task"] = cfg.food
     metrics["label"] = cfg.label or str(cfg.adapter or cfg.model)
     write_detection_eval(out_dir, scores, metrics, n_layers)
