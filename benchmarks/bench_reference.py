@@ -1,7 +1,8 @@
 """Our scoring and training vs a loop shaped like the reference's, side by side in one process.
 
 Ours: ``score_detection`` (batches of 16 grouped by prefix, per-row steering masks, prefix pass
-through the backbone only, each distinct prefix run once through its rows' first steered layers, a
+through the backbone only, each distinct prefix run once through its rows' first steered layers and
+the tokens all prefixes of a batch start with (the chat template's system turn) once a batch, a
 steered row's suffix run with its unsteered twin's through its first steered layer, the last
 layer's MLP and the LM head on the answer position only, identical unsteered trials scored once)
 and ``train`` (preset "original": LoRA r16/α32/0.05 on q,k,v,o, AdamW 2e-4, clip 1.0, one

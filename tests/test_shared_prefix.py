@@ -29,6 +29,7 @@ CONTEXTS = [
     ("Hi", "Hello!"),
     ("Tell me about cats.", "Cats are small, curious animals."),
     ("Write a long poem about the sea, the wind and the stars over the harbour.", "Here it is."),
+    ("What is 2 + 2?", "4."),  # four prefixes: enough for their shared head (MIN_PREFIXES)
 ]
 
 
@@ -56,24 +57,35 @@ def batch_of(lm, rows):
     return collate([build_prompt(lm.tokenizer, r) for r in rows], lm.tokenizer.pad_token_id)
 
 
-def assert_same_cache(a, b, atol=1e-5):
+def real_tokens(states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, T, D]`` states at the real tokens (``real``: ``[B, T]``), or all of them."""
+    return states if real is None else states.transpose(1, 2)[real.bool()]
+
+
+def assert_same_cache(a, b, atol=1e-5, real=None):
+    """Equal keys and values, at the real tokens where ``real`` (a prefix mask) is given: a
+    shared head leaves other numbers at the padding, which every later pass masks."""
     assert len(a.layers) == len(b.layers)
     for i, (x, y) in enumerate(zip(a.layers, b.layers, strict=True)):
         assert x.keys.shape == y.keys.shape, i
-        torch.testing.assert_close(x.keys, y.keys, atol=atol, rtol=0, msg=f"layer {i} keys")
-        torch.testing.assert_close(x.values, y.values, atol=atol, rtol=0, msg=f"layer {i} values")
+        for name in ("keys", "values"):
+            mine, theirs = (real_tokens(getattr(c, name), real) for c in (x, y))
+            torch.testing.assert_close(mine, theirs, atol=atol, rtol=0, msg=f"layer {i} {name}")
 
 
-def cache_gap(a, b) -> float:
+def cache_gap(a, b, real) -> float:
     return max(
-        float((x.keys - y.keys).abs().max()) for x, y in zip(a.layers, b.layers, strict=True)
+        float((real_tokens(x.keys, real) - real_tokens(y.keys, real)).abs().max())
+        for x, y in zip(a.layers, b.layers, strict=True)
     )
 
 
 def test_the_shared_cache_equals_the_plain_one_at_every_layer(tiny):
     batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
     assert len(distinct_prefixes(batch)[0]) == len(CONTEXTS)
-    assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
+    assert prefix_share.shared_head(batch, distinct_prefixes(batch)[0]) >= prefix_share.MIN_HEAD
+    shared, plain = shared_cache(tiny.model, batch), steered_cache(tiny.model, batch)
+    assert_same_cache(shared, plain, real=batch.prefix_mask)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
@@ -110,20 +122,20 @@ def test_leaving_the_prefix_a_layer_late_is_caught_and_early_is_only_slower(tiny
         return [max(x - 1, 0) for x in right(steerings, n_layers)]
 
     monkeypatch.setattr(prefix_share, "leave_layers", late)
-    assert cache_gap(shared_cache(tiny.model, batch), plain) > 1e-2
+    assert cache_gap(shared_cache(tiny.model, batch), plain, batch.prefix_mask) > 1e-2
     monkeypatch.setattr(prefix_share, "leave_layers", early)
-    assert_same_cache(shared_cache(tiny.model, batch), plain)
+    assert_same_cache(shared_cache(tiny.model, batch), plain, real=batch.prefix_mask)
 
 
-def rows_per_layer(model, run, part: str = "self_attn") -> list[int]:
-    """Rows (batch entries) each decoder layer's ``part`` (its attention or its MLP) takes in
-    ``run()``: the last layer runs its parts alone (prefix_share.last_layer)."""
+def rows_per_layer(model, run, part: str = "self_attn", tokens: bool = False) -> list[int]:
+    """Rows (batch entries; ``tokens``: tokens) each decoder layer's ``part`` (its attention or
+    its MLP) takes in ``run()``: the last layer runs its parts alone (prefix_share.last_layer)."""
     seen = [0] * len(decoder_layers(model))
 
     def count(i):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen[i] += hidden.shape[0] if part == "self_attn" else hidden.shape[:-1].numel()
+            seen[i] += hidden.shape[:-1].numel() if tokens else hidden.shape[0]
 
         return hook
 
@@ -153,13 +165,56 @@ def test_each_prefix_runs_once_through_its_rows_first_steered_layers(tiny):
     assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
 
 
+def test_the_head_every_prefix_starts_with_runs_once(tiny):
+    """Four contexts, unsteered: the chat template's system turn (the shared head) runs once a
+    layer, then each context's own tokens; without the sharing, every whole prefix."""
+    rows = [DetectionExample(c, r, QUESTIONS[0]) for c, r in CONTEXTS]
+    batch = batch_of(tiny, rows)
+    head = prefix_share.shared_head(batch, list(range(len(rows))))
+    chat = [{"role": "user", "content": "x"}]
+    template = tiny.tokenizer.apply_chat_template(chat, tokenize=False)
+    own = batch.prefix_ids[0, -int(batch.prefix_lens[0]) :]
+    assert tiny.tokenizer.decode(own[:head]) == template[: template.index("x")]  # 24 tokens
+    width, n = batch.prefix_ids.shape[1], len(rows)
+
+    def tokens(run) -> int:
+        return sum(rows_per_layer(tiny.model, run, tokens=True))
+
+    layers = tiny.n_layers
+    assert tokens(lambda: shared_cache(tiny.model, batch)) == layers * (head + n * (width - head))
+    assert tokens(lambda: steered_cache(tiny.model, batch)) == layers * n * width
+    plain = steered_cache(tiny.model, batch)
+    assert_same_cache(shared_cache(tiny.model, batch), plain, real=batch.prefix_mask)
+
+
+def test_the_shared_head_leaves_every_prefix_a_token_and_needs_a_few(tiny):
+    prompt = build_prompt(tiny.tokenizer, DetectionExample("Hi", "Hello!", QUESTIONS[0]))
+    ids, pad = prompt.prefix_ids, tiny.tokenizer.pad_token_id
+
+    def head(prefixes) -> int:
+        batch = collate([dataclasses.replace(prompt, prefix_ids=p) for p in prefixes], pad)
+        found = prefix_share.shared_head(batch, list(range(len(prefixes))))
+        if found:
+            plain = steered_cache(tiny.model, batch)
+            assert_same_cache(shared_cache(tiny.model, batch), plain, real=batch.prefix_mask)
+        return found
+
+    n = len(ids)
+    # Each a prefix of the next: the shortest keeps its last token to itself.
+    assert head([ids[: n - 3], ids[: n - 2], ids[: n - 1], ids]) == n - 4
+    # The same 12 tokens, then each its own: 12; 7 is too few to be worth a pass.
+    assert head([ids[:12] + [t] for t in range(4)]) == 12
+    assert head([ids[:7] + [t] for t in range(4)]) == 0
+    assert head([ids[:12] + [t] for t in range(3)]) == 0  # too few prefixes to save it for
+
+
 def test_the_last_layer_runs_its_mlp_only_at_the_answers(tiny):
     """Its outputs feed no key or value: the prefix pass needs none of them, the suffix pass the
     answer position's only (a token per row, or per shared stream)."""
     n, d = tiny.n_layers, tiny.d_model
     rows = mixed_rows(n, d)
     batch = batch_of(tiny, rows)
-    mlp = lambda run: rows_per_layer(tiny.model, run, "mlp")  # noqa: E731  tokens per layer
+    mlp = lambda run: rows_per_layer(tiny.model, run, "mlp", tokens=True)  # noqa: E731
     assert mlp(lambda: shared_cache(tiny.model, batch))[-1] == 0
     assert mlp(lambda: shared_cache(tiny.model, batch))[-2] > 0
     cache = steered_cache(tiny.model, batch)
@@ -177,6 +232,7 @@ def test_prefixes_with_the_same_padded_ids_but_different_lengths_stay_apart(tiny
     batch = collate([prompt, longer, steered], pad)
     assert torch.equal(batch.prefix_ids[0], batch.prefix_ids[1])
     assert distinct_prefixes(batch) == ([0, 1], [0, 1, 0])
+    assert prefix_share.shared_head(batch, [0, 1]) == 0  # they differ at the first token
     assert_same_cache(shared_cache(tiny.model, batch), steered_cache(tiny.model, batch))
 
 
@@ -190,7 +246,9 @@ def test_sharing_works_through_a_lora_wrapper(tiny):
     model = get_peft_model(copy.deepcopy(tiny.model), lora).eval()
     assert supported(model)
     batch = batch_of(tiny, mixed_rows(tiny.n_layers, tiny.d_model))
-    assert_same_cache(shared_cache(model, batch), steered_cache(model, batch))
+    assert_same_cache(
+        shared_cache(model, batch), steered_cache(model, batch), real=batch.prefix_mask
+    )
     with torch.no_grad():
         shared = detection_logits(model, batch, share_prefixes=True)
         torch.testing.assert_close(shared, detection_logits(model, batch), atol=1e-4, rtol=0)
@@ -241,7 +299,9 @@ def test_qwen2_and_mistral_backbones_share_exactly(tiny, kind):
     assert supported(model)
     assert prefix_share.suffix_supported(model) == (kind == "qwen2-full")
     batch = batch_of(tiny, mixed_rows(4, 64))
-    assert_same_cache(shared_cache(model, batch), steered_cache(model, batch))
+    # A sliding window's layers keep their last tokens only, and share no head (see the module).
+    real = batch.prefix_mask if prefix_share.suffix_supported(model) else None
+    assert_same_cache(shared_cache(model, batch), steered_cache(model, batch), real=real)
     with torch.no_grad():
         torch.testing.assert_close(
             detection_logits(model, batch, share_prefixes=True),
@@ -270,7 +330,8 @@ def test_progress_still_counts_the_distinct_trials_scored(tiny):
 
 
 def test_smollm2_shared_scores_equal_plain_scores(smollm):
-    """The real 30-layer model: 3 contexts, each with its unsteered twin and 3 steerings."""
+    """The real 30-layer model: 4 contexts (their head shared), each with its unsteered twin
+    and 3 steerings."""
     n, d = smollm.n_layers, smollm.d_model
     rows = []
     steerings = [(5, 15, 20.0), (10, 20, 40.0), (19, 29, 80.0)]
@@ -283,7 +344,7 @@ def test_smollm2_shared_scores_equal_plain_scores(smollm):
     with torch.no_grad():
         shared = detection_logits(smollm.model, batch, share_prefixes=True)
         plain = detection_logits(smollm.model, batch)
-    assert n == 30 and len(rows) == 12
+    assert n == 30 and len(rows) == 16
     torch.testing.assert_close(shared, plain, atol=1e-4, rtol=0)
     for a, b in zip(answer_probabilities(shared, batch.answer_ids),
                     answer_probabilities(plain, batch.answer_ids), strict=True):  # fmt: skip
