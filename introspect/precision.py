@@ -7,7 +7,7 @@ benchmark has shown that results hold there (:data:`CPU_BF16_HOLDS`), float32 el
 A CPU with AVX512-BF16 but no AMX stays at float32 by default, because bf16 is slower there: on
 such a 2-core CPU a [464, 576] x [576, 1536] linear took 8.2 ms in bf16 against 4.3 in fp32, and
 in the reference benchmark our scoring and training ran 1.4-1.5 times slower in bf16 than in fp32,
-the reference-shaped loop 1.2-1.4 times (``benchmarks/results/reference_cpu_avx512.json``); on a
+the reference-shaped loop 1.2-1.4 times (``benchmarks/results/reference_cpu_avx512*.json``); on a
 CPU with AMX, bf16 ran about three times faster than fp32 (``reference_cpu.json``).
 
 ``INTROSPECT_CPU_BF16`` in the environment overrides the CPU rule: ``0`` keeps any CPU at float32

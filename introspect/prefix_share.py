@@ -16,12 +16,12 @@ With a single ``layer_start`` L this is two segments: shared ``[0, L]``, per-row
 last layer runs its MLP only where an output is read (:func:`last_layer`): nowhere in the prefix
 pass, at each row's answer position in the suffix pass.
 
-Across prefixes, the tokens every prefix of a batch starts with (the chat template's system turn,
-:func:`shared_head`) are one more shared stream: the "head" runs first as a batch with one
-prefix, then each prefix's remaining tokens (its "tail") run as above, reading their rows' head
-keys/values as a past, and the cache is put back in the plain pass's layout
-(:func:`_head_in_place`). Padding positions then hold other (finite) numbers than the plain
-pass's; every later pass masks them.
+Across prefixes, in fp32 on a CPU, the tokens every prefix of a batch starts with (the chat
+template's system turn, :func:`shared_head`) are one more shared stream: the "head" runs first as a
+batch with one prefix, then each prefix's remaining tokens (its "tail") run as above, reading their
+rows' head keys/values as a past, and the cache is put back in the plain pass's layout
+(:func:`_head_in_place`). Padding positions then hold other (finite) numbers than the plain pass's;
+every later pass masks them.
 
 The suffix (question and prefill, unsteered) reads the cache, and a row's cache is its unsteered
 prefix's up to and including layer ``layer_start``; so a steered row's suffix is its unsteered
@@ -199,7 +199,7 @@ def _run_layers(
 def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
     """The steered prefix cache of ``batch``, equal to ``steered_cache``'s at every real token,
     computing each distinct prefix once through the layers where its rows' steerings begin, and
-    the tokens every prefix starts with (:func:`shared_head`) once for the whole batch.
+    (in fp32 on a CPU) the tokens every prefix starts with (:func:`shared_head`) once a batch.
 
     Runs under ``no_grad``. Raises IntrospectError for a backbone outside :data:`SUPPORTED`.
     """
@@ -215,7 +215,9 @@ def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
     # Left padding: a row's first real token sits at position 0, as it would alone.
     positions = (real.cumsum(1) - 1).clamp(min=0)
     mask = position_mask(batch.steerings, lengths, width).to(ids.device)
-    head = shared_head(batch, firsts) if suffix_supported(model) else 0
+    weight = next(model.parameters())
+    pays = weight.device.type == "cpu" and weight.dtype == torch.float32  # see MIN_PREFIXES
+    head = shared_head(batch, firsts) if pays and suffix_supported(model) else 0
     with torch.no_grad():
         if not head:
             return _streams(model, ids, real, positions, mask, prefix_of, batch.steerings)
@@ -237,19 +239,21 @@ def shared_cache(model: nn.Module, batch: DetectionBatch) -> DynamicCache:
 
 
 # When the head is shared: its own pass costs a second, smaller batched call a layer, which pays
-# only with a few prefixes to save it for. Measured on 2-core CPUs (fp32, SmolLM2-135M, a head of
-# 24 tokens): B1's batches of 16 (7-8 prefixes) scored 5.5 % faster with 2 threads and 6.4 % with
-# 1; training batches of 2 prefixes (contexts_per_batch: 2) ran 7 % slower, hence MIN_PREFIXES.
-# Not measured on a GPU, where a small model's passes are bound by kernel launches: CPU only.
+# only with a few prefixes to save it for and where matmuls dominate. Measured on 2-core CPUs
+# (SmolLM2-135M, a head of 24 tokens): in fp32, B1's batches of 16 (7-8 prefixes) scored 2-6 %
+# faster (AVX512 without AMX, 1 and 2 threads; an earlier try on an AMX CPU: 2 %); in bf16 on the
+# AMX CPU 11 % slower; training batches of 2 prefixes (contexts_per_batch: 2) ran 7 % slower in
+# fp32. Hence fp32 on a CPU and MIN_PREFIXES. A GPU is unmeasured: a small model's passes there
+# are bound by kernel launches, which the head's pass adds to.
 MIN_HEAD = 8
 MIN_PREFIXES = 4
 
 
 def shared_head(batch: DetectionBatch, firsts: list[int]) -> int:
     """How many tokens every distinct prefix of ``batch`` starts with (a chat template's system
-    turn), leaving each at least one token of its own; 0 when that is under :data:`MIN_HEAD`,
-    or the batch has fewer than :data:`MIN_PREFIXES` distinct prefixes, or is not on a CPU."""
-    if len(firsts) < MIN_PREFIXES or batch.prefix_ids.device.type != "cpu":
+    turn), leaving each at least one token of its own; 0 when that is under :data:`MIN_HEAD` or
+    the batch has fewer than :data:`MIN_PREFIXES` distinct prefixes."""
+    if len(firsts) < MIN_PREFIXES:
         return 0
     lengths = batch.prefix_lens.tolist()
     width = batch.prefix_ids.shape[1]
