@@ -106,7 +106,7 @@ def leave_layers(steerings: list[Steering | None], n_layers: int) -> list[int]:
     """The layer at which each row leaves its stream (``n_layers``: never): one past
     ``layer_start``. Steering adds to ``layer_start``'s *output*, so that layer's input and
     keys/values are still its prefix's (or its unsteered twin's, in the suffix pass); the prefix
-    pass adds the steering to the stream's output as the row leaves (:func:`_sources`' caller).
+    pass adds the steering to the stream's output as the row leaves (:func:`_streams`).
     A row steered only at the last layer never leaves: that layer's output reaches no key or
     value."""
     return [n_layers if s is None else min(n_layers, s.layer_start + 1) for s in steerings]
@@ -122,20 +122,30 @@ def _layer_kinds(inner: nn.Module) -> list[str]:
     return ["full_attention"] * n
 
 
-def _sources(
-    streams: list[tuple[str, int]],
-    where: dict[tuple[str, int], int],
-    shared: str,
-    parent: list[int],
-    leave: list[int],
-    start: int,
-) -> list[int]:
-    """Each stream's input: its own output of the last segment, or, for a row leaving at
-    ``start``, its parent ``(shared, parent[row])`` stream's."""
-    return [
-        where[(shared, parent[i])] if kind == "row" and leave[i] == start else where[(kind, i)]
+def _segment(
+    shared_of: list[int], leave: list[int], start: int, end: int, where: dict
+) -> tuple[list[tuple[str, int]], list[int], list[int], dict, list[int]]:
+    """Layers ``[start, end)``'s streams: each shared stream (row r's is ``shared_of[r]``) some
+    row still reads, then each row that has left, running alone. Returns ``(streams, source,
+    like, where, read)``: each stream's input, an index into the last segment's output (whose
+    stream -> index map is ``where``): its own, or for a row leaving at ``start`` its shared
+    stream's; a row each stream stands for (for tokens, masks and a past: its own, or a member
+    still in it); this segment's stream -> index map; and the stream each row reads."""
+    rows = range(len(shared_of))
+    alive = sorted({shared_of[r] for r in rows if leave[r] >= end})
+    left = [r for r in rows if leave[r] <= start]
+    streams = [("shared", u) for u in alive] + [("row", r) for r in left]
+    source = [
+        where[("shared", shared_of[i])] if kind == "row" and leave[i] == start else where[(kind, i)]
         for kind, i in streams
     ]
+    like = [
+        i if kind == "row" else next(r for r in rows if shared_of[r] == i and leave[r] >= end)
+        for kind, i in streams
+    ]
+    now = {s: j for j, s in enumerate(streams)}
+    read = [now[("row", r)] if leave[r] <= start else now[("shared", shared_of[r])] for r in rows]
+    return streams, source, like, now, read
 
 
 def last_layer(layer: nn.Module, hidden: torch.Tensor, pick, cache, **kwargs):
@@ -300,22 +310,14 @@ def _streams(
     inner = backbone(model)
     n_layers = len(inner.layers)
     leave = leave_layers(steerings, n_layers)
-    rows = range(len(prefix_of))
     final = DynamicCache(config=inner.config)
     firsts = [prefix_of.index(u) for u in range(max(prefix_of) + 1)]
     hidden = inner.embed_tokens(ids[firsts])
-    where = {("prefix", u): u for u in range(len(firsts))}  # stream -> its index in `hidden`
+    where = {("shared", u): u for u in range(len(firsts))}  # stream -> its index in `hidden`
     for start, end in pairwise(sorted({0, n_layers, *leave})):
-        # A prefix stream runs while some row still reads it; a row that left runs alone.
-        alive = sorted({prefix_of[r] for r in rows if leave[r] >= end})
-        left = [r for r in rows if leave[r] <= start]
-        streams = [("prefix", u) for u in alive] + [("row", r) for r in left]
-        source = _sources(streams, where, "prefix", prefix_of, leave, start)
-        # Each stream's tokens, mask and past: its own row's, or a member's still in it.
-        like = [
-            i if kind == "row" else next(r for r in rows if prefix_of[r] == i and leave[r] >= end)
-            for kind, i in streams
-        ]
+        # A prefix stream runs while some row still reads it; a row that left runs alone. Each
+        # row reads the keys/values of its own stream once it has left, else its prefix's.
+        streams, source, like, where, read = _segment(prefix_of, leave, start, end, where)
         stream_steerings = [steerings[i] if kind == "row" else None for kind, i in streams]
         hidden = hidden[source]
         # A row leaving here takes its prefix's output of layer start - 1: if its steering
@@ -330,12 +332,6 @@ def _streams(
             seen = torch.cat([seen.new_ones(len(like), cache.layers[start].keys.shape[2]), seen], 1)
         with steer(model, stream_steerings, mask=mask[like]):
             hidden, cache = _run_layers(inner, hidden, seen, positions[like], layers, cache)
-        where = {s: j for j, s in enumerate(streams)}
-        # Each row reads the keys/values of its own stream once it has left, else its prefix's.
-        read = [
-            where[("row", r)] if leave[r] <= start else where[("prefix", prefix_of[r])]
-            for r in rows
-        ]
         index = torch.tensor(read, device=ids.device)
         for i in layers:
             cache.layers[i].batch_select_indices(index)
@@ -395,29 +391,18 @@ def shared_suffix_hidden(model: nn.Module, batch: SuffixBatch, cache: DynamicCac
     ]
     group_ids: dict[tuple, int] = {}
     group_of = [group_ids.setdefault(k, len(group_ids)) for k in keys]
-    rows = range(len(keys))
     firsts = [group_of.index(g) for g in range(len(group_ids))]
     leave = leave_layers(batch.steerings, n_layers)
     width = batch.suffix_ids.shape[1]
     positions = batch.prefix_lens[:, None] + torch.arange(width, device=batch.suffix_ids.device)
     attention = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
     hidden = inner.embed_tokens(batch.suffix_ids[firsts])
-    where = {("group", g): g for g in range(len(firsts))}
+    where = {("shared", g): g for g in range(len(firsts))}
     for start, end in pairwise(sorted({0, n_layers, *leave})):
-        alive = sorted({group_of[r] for r in rows if leave[r] >= end})
-        left = [r for r in rows if leave[r] <= start]
-        streams = [("group", g) for g in alive] + [("row", r) for r in left]
-        source = _sources(streams, where, "group", group_of, leave, start)
         # A group reads the cache of a member still in it: below its leave layer, any such
-        # member's cache is the unsteered prefix's.
-        like = [
-            i if kind == "row" else next(r for r in rows if group_of[r] == i and leave[r] >= end)
-            for kind, i in streams
-        ]
-        where = {s: j for j, s in enumerate(streams)}
-        # Each row's answer is its last suffix token out of its own stream, else its group's.
-        read = [where[("row", r)] if leave[r] <= start else where[("group", group_of[r])]
-                for r in rows]  # fmt: skip
+        # member's cache is the unsteered prefix's. Each row's answer is its last suffix token
+        # out of its own stream, else its group's.
+        streams, source, like, where, read = _segment(group_of, leave, start, end, where)
         index = torch.tensor(read, device=hidden.device), batch.suffix_lens - 1
         layers = range(start, end)
         hidden, _ = _run_layers(

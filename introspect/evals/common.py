@@ -140,8 +140,7 @@ def ran_on(lm) -> dict[str, str]:
     in (its config's ``null`` means "the default where it ran")."""
     from introspect.precision import dtype_name
 
-    weight = next(lm.model.parameters())
-    return {"dtype": dtype_name(weight.dtype), "device": str(weight.device)}
+    return {"dtype": dtype_name(next(lm.model.parameters()).dtype), "device": str(lm.device)}
 
 
 def model_dims(cfg: ModelConfig, lm) -> tuple[int, int]:
